@@ -86,9 +86,9 @@ class Args:
     # --- algorithm ---
     num_envs: int = 8
     """parallel environments (a vector env) collecting each batch"""
-    num_steps: int = 256
+    num_steps: int = 64
     """minimum steps per environment in a batch; each env then finishes its current episode"""
-    learning_rate: float = 0.01
+    learning_rate: float = 0.005
     """Adam step size"""
     gamma: float = 0.99
     """discount factor, in [0, 1]"""
@@ -358,8 +358,9 @@ def make_update(args: Args):
 class Rollout:
     """Fixed-size buffers [capacity, num_envs, ...] and the loop that fills them with one batch of episodes."""
 
-    def __init__(self, envs: gym.vector.VectorEnv, num_steps: int, device: torch.device):
-        self.envs, self.num_steps, self.device = envs, num_steps, device
+    def __init__(self, envs: gym.vector.VectorEnv, num_steps: int, device: torch.device, fixed_shape: bool = False):
+        """fixed_shape: batches keep every buffer row (one shape for the compiled update) instead of the rows used."""
+        self.envs, self.num_steps, self.device, self.fixed_shape = envs, num_steps, device, fixed_shape
         space = envs.single_action_space
         self.continuous = isinstance(space, gym.spaces.Box)
         self.low, self.high = (space.low, space.high) if self.continuous else (None, None)
@@ -379,7 +380,7 @@ class Rollout:
         """Reset the envs with `seed` and run them until each has >= num_steps steps and has ended an episode.
 
         on_episode(t, return, length) is called for every finished episode (t = steps per env so far).
-        Returns the batch and the number of steps taken per env.
+        Returns the batch ([t, N, ...], or [capacity, N, ...] zero-padded if fixed_shape) and t, the steps per env.
         """
         n = self.envs.num_envs
         rewards = np.zeros((self.capacity, n), dtype=np.float32)
@@ -416,8 +417,9 @@ class Rollout:
                     on_episode(t, float(info["episode"]["r"][i]), int(info["episode"]["l"][i]))
         self.obs[t:] = 0
         self.actions[t:] = 0
-        to_tensor = lambda x: torch.from_numpy(x).to(self.device)  # noqa: E731
-        return Batch(self.obs, self.actions, to_tensor(rewards), to_tensor(dones), to_tensor(valid)), t
+        rows = self.capacity if self.fixed_shape else t
+        batch = Batch(self.obs, self.actions, *(torch.from_numpy(x).to(self.device) for x in (rewards, dones, valid)))
+        return Batch(*(x[:rows] for x in batch)), t
 
 
 def evaluate(
@@ -617,7 +619,7 @@ def train(args: Args) -> dict:
     checkpoint_path = os.path.join(run_dir, "checkpoint.pt")
     video_dir = os.path.join(run_dir, "videos") if args.capture_video else None
 
-    rollout = Rollout(envs, args.num_steps, device)
+    rollout = Rollout(envs, args.num_steps, device, fixed_shape=args.compile)
     update = make_update(args)
     episodes = {"global_step": [], "return": [], "length": []}
     evaluations = []
