@@ -110,12 +110,12 @@ class Args:
 
 
 def make_env(env_id: str, num_envs: int) -> gym.vector.VectorEnv:
-    """A vector env (the native numpy implementation where gymnasium has one) that records episode statistics.
+    """A vector env: gymnasium's native numpy implementation where it has one (CartPole), else a SyncVectorEnv.
 
     Autoreset is NEXT_STEP: the step after a done only resets that env (its action is ignored, reward 0).
+    Episode returns and lengths are counted in the rollout loop (cheaper than a statistics wrapper per step).
     """
     envs = gym.make_vec(env_id, num_envs=num_envs)
-    envs = gym.wrappers.vector.RecordEpisodeStatistics(envs, buffer_length=100)
     mode = envs.metadata.get("autoreset_mode", gym.vector.AutoresetMode.NEXT_STEP)
     if mode != gym.vector.AutoresetMode.NEXT_STEP:
         raise ValueError(f"env {env_id!r} uses autoreset mode {mode}; this script handles NEXT_STEP only")
@@ -209,8 +209,9 @@ def sample_action(
         return out + temperature * params["pi.log_std"].exp() * noise
     if temperature == 0.0:
         return out.argmax(-1)
-    exponential = torch.empty_like(out).exponential_(generator=generator)
-    return (out / temperature - exponential.log()).argmax(-1)
+    if temperature != 1.0:
+        out = out / temperature
+    return (out - torch.empty_like(out).exponential_(generator=generator).log()).argmax(-1)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -388,33 +389,37 @@ class Rollout:
         valid = np.zeros((self.capacity, n), dtype=np.float32)
         active = np.ones(n, dtype=bool)  # this env's steps still belong to the batch
         previous_done = np.zeros(n, dtype=bool)
+        episode_return, episode_length = np.zeros(n), np.zeros(n, dtype=np.int64)
         obs, _ = self.envs.reset(seed=seed)
         t = 0
-        while active.any():
-            if t == self.capacity:  # env without a time limit ran past the buffer: grow it (the update recompiles)
-                old = (self.obs, self.actions)
-                self._allocate(2 * self.capacity)
-                self.obs[:t], self.actions[:t] = old
-                rewards, dones, valid = (np.concatenate([b, np.zeros_like(b)]) for b in (rewards, dones, valid))
-            obs_t = torch.as_tensor(obs, dtype=torch.float32, device=self.device)
-            with torch.no_grad():
+        with torch.no_grad():
+            while active.any():
+                if t == self.capacity:  # env without a time limit ran past the buffer: grow it (the update recompiles)
+                    old = (self.obs, self.actions)
+                    self._allocate(2 * self.capacity)
+                    self.obs[:t], self.actions[:t] = old
+                    rewards, dones, valid = (np.concatenate([b, np.zeros_like(b)]) for b in (rewards, dones, valid))
+                obs_t = torch.as_tensor(obs, dtype=torch.float32, device=self.device)
                 action = sample_action(params, obs_t, generator)
-            self.obs[t] = obs_t
-            self.actions[t] = action
-            action_np = action.cpu().numpy()
-            if self.continuous:
-                action_np = np.clip(action_np, self.low, self.high)
-            obs, reward, terminated, truncated, info = self.envs.step(action_np)
-            done = terminated | truncated
-            # the step after a done only resets its env (NEXT_STEP autoreset): never learn from it
-            valid[t] = active & ~previous_done
-            rewards[t], dones[t] = reward, done
-            active &= ~(done & (t >= self.num_steps - 1))
-            previous_done = done
-            t += 1
-            if "_episode" in info:
-                for i in np.flatnonzero(info["_episode"]):
-                    on_episode(t, float(info["episode"]["r"][i]), int(info["episode"]["l"][i]))
+                self.obs[t] = obs_t
+                self.actions[t] = action
+                action_np = action.cpu().numpy()
+                if self.continuous:
+                    action_np = np.clip(action_np, self.low, self.high)
+                obs, reward, terminated, truncated, _ = self.envs.step(action_np)
+                done = terminated | truncated
+                # the step after a done only resets its env (NEXT_STEP autoreset): never learn from it, nor count it
+                valid[t] = active & ~previous_done
+                rewards[t], dones[t] = reward, done
+                active &= ~(done & (t >= self.num_steps - 1))
+                episode_return += reward
+                episode_length += ~previous_done
+                previous_done = done
+                t += 1
+                if done.any():
+                    for i in np.flatnonzero(done):
+                        on_episode(t, float(episode_return[i]), int(episode_length[i]))
+                    episode_return[done], episode_length[done] = 0.0, 0
         self.obs[t:] = 0
         self.actions[t:] = 0
         rows = self.capacity if self.fixed_shape else t
@@ -430,17 +435,16 @@ def evaluate(
     generator = torch.Generator(device=device).manual_seed(seed)
     space = envs.single_action_space
     obs, _ = envs.reset(seed=seed)
-    returns = np.full(args.eval_episodes, np.nan)
-    while np.isnan(returns).any():
+    returns, finished = np.zeros(args.eval_episodes), np.zeros(args.eval_episodes, dtype=bool)
+    while not finished.all():
         with torch.no_grad():
             action = sample_action(params, torch.as_tensor(obs, dtype=torch.float32, device=device), generator,
                                    args.eval_temperature).cpu().numpy()
         if isinstance(space, gym.spaces.Box):
             action = np.clip(action, space.low, space.high)
-        obs, _, _, _, info = envs.step(action)
-        if "_episode" in info:
-            first = info["_episode"] & np.isnan(returns)
-            returns[first] = info["episode"]["r"][first]
+        obs, reward, terminated, truncated, _ = envs.step(action)
+        returns += np.where(finished, 0.0, reward)  # each env's first episode only
+        finished |= terminated | truncated
     envs.close()
     if video_dir is not None:
         record_video(args, params, seed, device, video_dir)
