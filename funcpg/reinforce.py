@@ -30,6 +30,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from collections import deque
 from typing import Literal, NamedTuple, Optional
 
@@ -427,9 +428,7 @@ class Rollout:
         return Batch(*(x[:rows] for x in batch)), t
 
 
-def evaluate(
-    args: Args, params: dict[str, torch.Tensor], seed: int, device: torch.device, video_dir: Optional[str] = None
-) -> np.ndarray:
+def evaluate(args: Args, params: dict[str, torch.Tensor], seed: int, device: torch.device) -> np.ndarray:
     """Returns of args.eval_episodes episodes (one per env of a separate vector env) at args.eval_temperature."""
     envs = make_env(args.env_id, args.eval_episodes)
     generator = torch.Generator(device=device).manual_seed(seed)
@@ -446,16 +445,17 @@ def evaluate(
         returns += np.where(finished, 0.0, reward)  # each env's first episode only
         finished |= terminated | truncated
     envs.close()
-    if video_dir is not None:
-        record_video(args, params, seed, device, video_dir)
     return returns
 
 
-def record_video(args: Args, params: dict[str, torch.Tensor], seed: int, device: torch.device, video_dir: str) -> None:
-    """One evaluation episode rendered to video_dir (gymnasium's RecordVideo, which needs moviepy)."""
-    env = gym.wrappers.RecordVideo(gym.make(args.env_id, render_mode="rgb_array"), video_dir,
-                                   episode_trigger=lambda _: True, name_prefix=f"eval-seed{seed}",
-                                   disable_logger=True)
+def record_video(
+    args: Args, params: dict[str, torch.Tensor], seed: int, device: torch.device, video_dir: str, name: str
+) -> None:
+    """One evaluation episode rendered to video_dir/{name}-episode-0.mp4 (gymnasium's RecordVideo; needs moviepy)."""
+    with warnings.catch_warnings():  # RecordVideo warns whenever the folder already exists
+        warnings.simplefilter("ignore")
+        env = gym.wrappers.RecordVideo(gym.make(args.env_id, render_mode="rgb_array"), video_dir,
+                                       episode_trigger=lambda _: True, name_prefix=name, disable_logger=True)
     generator = torch.Generator(device=device).manual_seed(seed)
     obs, _ = env.reset(seed=seed)
     done = False
@@ -621,7 +621,6 @@ def train(args: Args) -> dict:
                    "funcpg": FUNCPG_VERSION, "torch": torch.__version__, "gymnasium": gym.__version__}, f, indent=2)
     logger = Logger(args, run_dir, global_step if checkpoint else None)
     checkpoint_path = os.path.join(run_dir, "checkpoint.pt")
-    video_dir = os.path.join(run_dir, "videos") if args.capture_video else None
 
     rollout = Rollout(envs, args.num_steps, device, fixed_shape=args.compile)
     update = make_update(args)
@@ -638,7 +637,10 @@ def train(args: Args) -> dict:
                 "wall_time": wall(), "recent_returns": list(recent), "rng_state": generator.get_state()}
 
     def run_evaluation() -> None:
-        returns = evaluate(args, params, derived_seed(args.seed, 1, global_step), device, video_dir)
+        seed = derived_seed(args.seed, 1, global_step)
+        returns = evaluate(args, params, seed, device)
+        if args.capture_video:
+            record_video(args, params, seed, device, os.path.join(run_dir, "videos"), f"eval-step{global_step}")
         evaluations.append((global_step, float(returns.mean()), float(returns.std())))
         logger.row("eval.csv", [args.seed, global_step, float(returns.mean()), float(returns.std()), len(returns)])
         logger.scalar("eval/mean_return", float(returns.mean()), global_step)
