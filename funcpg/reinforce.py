@@ -245,13 +245,13 @@ def compute_returns(
     """Monte-Carlo returns [T, N] from rewards, dones (terminated or truncated) and valid masks, all [T, N].
 
     reward-to-go: G_t = r_t + gamma * (1 - done_t) * G_{t+1}.
-    episode: G_0 of the step's episode, carried forward from the episode's first valid step by the same scan
-    run forwards in time.
+    episode: G_0 of the step's episode, carried forward from the episode's first step (a valid step whose
+    predecessor is invalid or ended an episode) by the same scan run forwards in time.
     """
     returns = discounted_scan(rewards, gamma * (1.0 - dones), torch.zeros_like(rewards[0]))
     if return_type == "episode":
-        previous_valid = torch.cat([torch.zeros_like(valid[:1]), valid[:-1]])
-        start = valid * (1.0 - previous_valid)
+        continues = torch.cat([torch.zeros_like(valid[:1]), valid[:-1] * (1.0 - dones[:-1])])
+        start = valid * (1.0 - continues)
         returns = discounted_scan((start * returns).flip(0), (1.0 - start).flip(0), torch.zeros_like(returns[0]))
         returns = returns.flip(0)
     return returns
@@ -383,6 +383,7 @@ class Rollout:
 
         on_episode(t, return, length) is called for every finished episode (t = steps per env so far).
         Returns the batch ([t, N, ...], or [capacity, N, ...] zero-padded if fixed_shape) and t, the steps per env.
+        The batch's obs and actions are views of this Rollout's buffers: the next collect overwrites them.
         """
         n = self.envs.num_envs
         rewards = np.zeros((self.capacity, n), dtype=np.float32)
