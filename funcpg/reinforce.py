@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import importlib
 import json
 import math
 import os
@@ -116,18 +117,21 @@ def make_env(env_id: str, num_envs: int) -> gym.vector.VectorEnv:
     Autoreset is NEXT_STEP: the step after a done only resets that env (its action is ignored, reward 0).
     Episode returns and lengths are counted in the rollout loop (cheaper than a statistics wrapper per step).
     """
-    envs = gym.make_vec(env_id, num_envs=num_envs)
+    return gym.make_vec(env_id, num_envs=num_envs)
+
+
+def check_env(env_id: str, envs: gym.vector.VectorEnv) -> None:
+    """Raise ValueError naming what is unsupported: the autoreset mode (NEXT_STEP only), the observation space
+    (a 1-D Box) or the action space (Discrete from 0, or a bounded 1-D Box)."""
     mode = envs.metadata.get("autoreset_mode", gym.vector.AutoresetMode.NEXT_STEP)
     if mode != gym.vector.AutoresetMode.NEXT_STEP:
-        raise ValueError(f"env {env_id!r} uses autoreset mode {mode}; this script handles NEXT_STEP only")
-    return envs
-
-
-def check_spaces(env_id: str, observation_space: gym.Space, action_space: gym.Space) -> None:
-    """Raise ValueError naming the space unless obs is a 1-D Box and actions are Discrete or a bounded 1-D Box."""
+        raise ValueError(f"env {env_id!r} uses autoreset mode {mode}; allowed: NEXT_STEP (gymnasium's default)")
+    observation_space, action_space = envs.single_observation_space, envs.single_action_space
     if not (isinstance(observation_space, gym.spaces.Box) and len(observation_space.shape) == 1):
         raise ValueError(f"env {env_id!r} has observation space {observation_space}; allowed: a 1-D Box")
     if isinstance(action_space, gym.spaces.Discrete):
+        if action_space.start != 0:
+            raise ValueError(f"env {env_id!r} has action space {action_space}; allowed: Discrete(n) starting at 0")
         return
     if isinstance(action_space, gym.spaces.Box) and len(action_space.shape) == 1:
         if np.all(np.isfinite(action_space.low)) and np.all(np.isfinite(action_space.high)):
@@ -347,7 +351,10 @@ def make_update(args: Args):
         )
         grads, grad_norm = clip_grad_norm(grads, args.max_grad_norm)
         params, opt_state = adam_step(params, grads, opt_state, args.learning_rate)
-        return params, opt_state, {"loss": loss, "policy_loss": pg_loss, "entropy": entropy, "grad_norm": grad_norm}
+        finite = torch.stack([torch.isfinite(loss), torch.isfinite(grad_norm)]
+                             + [torch.isfinite(p).all() for p in params.values()]).all()
+        metrics = {"loss": loss, "policy_loss": pg_loss, "entropy": entropy, "grad_norm": grad_norm, "finite": finite}
+        return params, opt_state, metrics
 
     return torch.compile(update, fullgraph=True) if args.compile else update
 
@@ -482,6 +489,10 @@ CSV_COLUMNS = {
 }
 
 
+CHECKPOINT_KEYS = {"algorithm", "env_id", "args", "params", "opt_state", "global_step", "num_updates", "wall_time",
+                   "recent_returns", "rng_state"}
+
+
 class NonFiniteLoss(RuntimeError):
     pass
 
@@ -499,11 +510,14 @@ def load_checkpoint(path: str, device: torch.device = torch.device("cpu")) -> di
     try:
         checkpoint = torch.load(path, map_location=device, weights_only=True)
     except Exception as e:  # any unpickling failure means the file is not a usable checkpoint
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"--resume {path!r}: not a readable checkpoint ({reason[:120]})") from None
+        raise ValueError(f"--resume {path!r}: not a readable checkpoint (torch.load with weights_only=True raised "
+                         f"{type(e).__name__}); allowed: a checkpoint.pt written by {ALGORITHM}.py") from None
     if not isinstance(checkpoint, dict) or checkpoint.get("algorithm") != ALGORITHM:
         found = checkpoint.get("algorithm") if isinstance(checkpoint, dict) else type(checkpoint).__name__
         raise ValueError(f"--resume {path!r}: checkpoint of {found!r}; allowed: a checkpoint written by {ALGORITHM}.py")
+    missing = sorted(CHECKPOINT_KEYS - checkpoint.keys())
+    if missing:
+        raise ValueError(f"--resume {path!r}: incomplete checkpoint, missing {', '.join(missing)}")
     return checkpoint
 
 
@@ -514,17 +528,33 @@ def save_checkpoint(path: str, checkpoint: dict) -> None:
     os.replace(tmp, path)
 
 
+def unused_path(path: str) -> str:
+    """path, or path-2, path-3, ... if it exists (two runs started in the same second)."""
+    candidate, i = path, 1
+    while os.path.exists(candidate):
+        i += 1
+        candidate = f"{path}-{i}"
+    return candidate
+
+
 def trim_csv(path: str, max_step: int) -> None:
-    """Drop rows logged after the checkpoint being resumed from (they will be produced again)."""
+    """Keep the header and the complete rows up to the checkpoint's step: rows logged after it will be logged
+    again, and a run killed mid-write may have left a partial last line."""
     if not os.path.exists(path):
         return
     with open(path, newline="") as f:
-        rows = list(csv.reader(f))
-    kept = rows[:1] + [r for r in rows[1:] if int(r[1]) <= max_step]
-    if len(kept) != len(rows):
-        with open(path + ".tmp", "w", newline="") as f:
-            csv.writer(f).writerows(kept)
-        os.replace(path + ".tmp", path)
+        text = f.read()
+    lines = text.splitlines(keepends=True)
+    if lines and not lines[-1].endswith("\n"):
+        lines.pop()  # cut off mid-write
+    rows = list(csv.reader(lines))
+    if not rows:
+        return os.remove(path)
+    header = rows[0]
+    kept = [header] + [r for r in rows[1:] if len(r) == len(header) and r[1].isdigit() and int(r[1]) <= max_step]
+    with open(path + ".tmp", "w", newline="") as f:
+        csv.writer(f).writerows(kept)
+    os.replace(path + ".tmp", path)
 
 
 class Logger:
@@ -546,7 +576,7 @@ class Logger:
             from torch.utils.tensorboard import SummaryWriter
 
             self.tb = SummaryWriter(run_dir)
-        self.last_print = 0.0
+        self.last_print, self.last_printed_step = 0.0, None
         self.interactive = sys.stdout.isatty()
 
     def row(self, name: str, values: list) -> None:
@@ -566,7 +596,9 @@ class Logger:
         now = time.time()
         if not final and now - self.last_print < (0.5 if self.interactive else 10.0):
             return
-        self.last_print = now
+        if final and step == self.last_printed_step and not self.interactive:
+            return
+        self.last_print, self.last_printed_step = now, step
         mean = f"{np.mean(recent):8.1f}" if recent else "     n/a"
         eta = max(self.args.total_timesteps - step, 0) / max(sps, 1e-9)
         line = (f"step {step:>9,}/{self.args.total_timesteps:,} | return (last {len(recent)}) {mean} | "
@@ -587,15 +619,16 @@ class Logger:
 
 
 def train(args: Args) -> dict:
-    """The whole run. Returns {"episodes", "evaluations", "params", "run_dir", "global_step", "interrupted"}.
-
-    "episodes" is per seed: {"global_step": [...], "return": [...], "length": [...]} of finished training episodes.
+    """The whole run. Returns {"episodes", "evaluations", "params", "recent_returns", "run_dir", "global_step",
+    "interrupted"}; the per-agent entries are lists (one agent per seed):
+    "episodes": {"global_step": [...], "return": [...], "length": [...]} of the finished training episodes,
+    "evaluations": [(global_step, mean_return, std_return), ...], "recent_returns": the last 100 returns.
     """
     torch.set_num_threads(args.num_threads)
     device = resolve_device(args.device)
     checkpoint = load_checkpoint(args.resume, device) if args.resume else None
     envs = make_env(args.env_id, args.num_envs)
-    check_spaces(args.env_id, envs.single_observation_space, envs.single_action_space)
+    check_env(args.env_id, envs)
     continuous = isinstance(envs.single_action_space, gym.spaces.Box)
     obs_dim = envs.single_observation_space.shape[0]
     action_dim = envs.single_action_space.shape[0] if continuous else int(envs.single_action_space.n)
@@ -608,8 +641,8 @@ def train(args: Args) -> dict:
         params = {k: v.to(device) for k, v in params.items()}
         opt_state = adam_init(params)
         global_step, num_updates, wall_offset, recent = 0, 0, 0.0, deque(maxlen=100)
-        run_dir = args.run_dir or os.path.join(
-            "runs", f"{args.env_id.replace('/', '-').replace(':', '-')}__{args.exp_name}__{args.seed}__{int(time.time())}")
+        run_dir = args.run_dir or unused_path(os.path.join(
+            "runs", f"{args.env_id.replace('/', '-').replace(':', '-')}__{args.exp_name}__{args.seed}__{int(time.time())}"))
     else:
         params, opt_state = checkpoint["params"], checkpoint["opt_state"]
         global_step, num_updates = checkpoint["global_step"], checkpoint["num_updates"]
@@ -668,8 +701,11 @@ def train(args: Args) -> dict:
             # ----- learn -----
             params, opt_state, metrics = update(params, opt_state, batch)
             num_updates += 1
-            if not torch.isfinite(metrics["loss"]):
-                raise NonFiniteLoss(f"non-finite loss {metrics['loss'].item()} at step {global_step}")
+            if not metrics["finite"]:
+                save_checkpoint(checkpoint_path, last_good)
+                raise NonFiniteLoss(f"non-finite loss, gradient or parameters at step {global_step} (loss "
+                                    f"{metrics['loss'].item()}); checkpoint.pt holds the last finite state, step "
+                                    f"{last_good['global_step']}: {checkpoint_path}")
 
             # ----- log, evaluate, save -----
             sps = steps_per_env * args.num_envs / (time.time() - batch_start_time)
@@ -697,11 +733,14 @@ def train(args: Args) -> dict:
     finally:
         logger.flush()
         envs.close()
-    elapsed = wall() - wall_offset
-    logger.progress(global_step, recent, (global_step - (checkpoint["global_step"] if checkpoint else 0)) / max(elapsed, 1e-9), final=True)
+    if not interrupted:
+        steps_this_session = global_step - (checkpoint["global_step"] if checkpoint else 0)
+        logger.progress(global_step, recent, steps_this_session / max(wall() - wall_offset, 1e-9), final=True)
     logger.close()
-    return {"episodes": [episodes], "evaluations": [evaluations], "params": [params], "run_dir": run_dir,
-            "global_step": global_step, "interrupted": interrupted}
+    # after Ctrl-C, the run is what the checkpoint holds: the interrupted batch is not part of it
+    return {"episodes": [episodes], "evaluations": [evaluations], "params": [last_good["params"]], "run_dir": run_dir,
+            "global_step": last_good["global_step"], "recent_returns": [last_good["recent_returns"]],
+            "interrupted": interrupted}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -716,6 +755,8 @@ def validate(args: Args) -> None:
     for flag, value in positive.items():
         if value < 1:
             raise ValueError(f"{flag} {value}: must be a positive integer")
+    if not 0 <= args.seed < 2**32:
+        raise ValueError(f"--seed {args.seed}: must be an integer in [0, 2**32)")
     for flag, value in {"--save-every": args.save_every, "--eval-every": args.eval_every}.items():
         if value < 0:
             raise ValueError(f"{flag} {value}: must be >= 0 (0 = off)")
@@ -734,13 +775,13 @@ def validate(args: Args) -> None:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA device is available; allowed here: cpu, auto")
     try:
-        env = gym.make(args.env_id)
+        envs = make_env(args.env_id, 1)
     except Exception as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ValueError(f"--env-id {args.env_id!r}: cannot make this environment ({reason}); "
                          f"allowed: a registered gymnasium id such as CartPole-v1, or module:EnvId") from None
-    check_spaces(args.env_id, env.observation_space, env.action_space)
-    env.close()
+    check_env(args.env_id, envs)
+    envs.close()
     if args.resume:
         checkpoint = load_checkpoint(args.resume)
         if checkpoint.get("env_id") != args.env_id:
@@ -749,19 +790,18 @@ def validate(args: Args) -> None:
         saved = tuple(checkpoint["args"].get("hidden_sizes", ()))
         if saved != tuple(args.hidden_sizes):
             raise ValueError(f"--hidden-sizes {args.hidden_sizes}: the checkpoint's network has {saved}")
-    elif args.run_dir and os.path.exists(os.path.join(args.run_dir, "episodes.csv")):
+    if args.run_dir and os.path.exists(args.run_dir) and not os.path.isdir(args.run_dir):
+        raise ValueError(f"--run-dir {args.run_dir!r} is a file; allowed: a directory (new, or a run to --resume)")
+    if not args.resume and args.run_dir and os.path.exists(os.path.join(args.run_dir, "episodes.csv")):
         raise ValueError(f"--run-dir {args.run_dir!r} already holds a run; choose a new directory or "
                          f"--resume {os.path.join(args.run_dir, 'checkpoint.pt')}")
-    if args.tensorboard:
-        try:
-            import torch.utils.tensorboard  # noqa: F401
-        except ImportError:
-            raise ValueError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
-    if args.capture_video:
-        try:
-            import moviepy  # noqa: F401
-        except ImportError:
-            raise ValueError("--capture-video needs the moviepy package: pip install moviepy") from None
+    for flag, module, package in [("--tensorboard", "torch.utils.tensorboard", "tensorboard"),
+                                  ("--capture-video", "moviepy", "moviepy")]:
+        if getattr(args, flag[2:].replace("-", "_")):
+            try:
+                importlib.import_module(module)
+            except ImportError:
+                raise ValueError(f"{flag} needs the {package} package: pip install {package}") from None
 
 
 def main() -> None:
@@ -781,10 +821,12 @@ def main() -> None:
     try:
         result = train(args)
     except NonFiniteLoss as e:
-        print(f"\nerror: {e}; stopped, the last good checkpoint is in place", file=sys.stderr)
+        if sys.stdout.isatty():
+            print()  # end the progress line
+        print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     if not args.quiet:
-        recent = result["episodes"][0]["return"][-100:]
+        recent = result["recent_returns"][0]
         status = "interrupted, checkpoint saved" if result["interrupted"] else "done"
         print(f"{status}: {result['global_step']:,} steps, mean return of the last {len(recent)} episodes "
               f"{np.mean(recent) if recent else float('nan'):.1f}; run directory: {result['run_dir']}")

@@ -1,0 +1,127 @@
+"""Project-level checks: README vs CI, one version everywhere, what the algorithm scripts import."""
+
+from __future__ import annotations
+
+import ast
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+ALGORITHM_SCRIPTS = [REPO / "funcpg" / name for name in ("reinforce.py", "reinforce_baseline.py", "actor_critic.py")
+                     if (REPO / "funcpg" / name).exists()]
+ALLOWED_THIRD_PARTY = {"torch", "gymnasium", "numpy", "tyro"}
+
+
+def readme_test_command() -> str:
+    """The command in the second ```bash block of README.md, the one right after "Tests:"."""
+    readme = (REPO / "README.md").read_text()
+    blocks = [(m.start(), m.group(1)) for m in re.finditer(r"^```bash\n(.*?)^```", readme, re.M | re.S)]
+    assert len(blocks) >= 2, "README.md should have a quick-start and a tests ```bash block"
+    tests_at = readme.index("Tests:")
+    start, body = blocks[1]
+    assert start > tests_at and all(s < tests_at for s, _ in blocks[:1]), "the second bash block must follow 'Tests:'"
+    lines = [line for line in body.splitlines() if line.strip()]
+    assert len(lines) == 1, f"expected one command in the tests block, got {lines}"
+    return lines[0]
+
+
+def test_readme_test_command_is_what_ci_runs():
+    command = readme_test_command()
+    assert "pytest" in command
+    ci_lines = (REPO / ".ci" / "run").read_text().splitlines()
+    assert command in ci_lines, f"{command!r} is not a line of .ci/run"
+
+
+def _string_constant(path: Path, name: str) -> str:
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == name for t in node.targets):
+            assert isinstance(node.value, ast.Constant) and isinstance(node.value.value, str), name
+            return node.value.value
+    pytest.fail(f"{path.name} has no module-level {name} = '...'")
+
+
+def test_one_version_everywhere():
+    try:
+        import tomllib  # Python >= 3.11
+    except ImportError:  # 3.10: the [project] table's version line
+        text = (REPO / "pyproject.toml").read_text()
+        version = re.search(r'^\[project\].*?^version\s*=\s*"([^"]+)"', text, re.M | re.S).group(1)
+    else:
+        with open(REPO / "pyproject.toml", "rb") as f:
+            version = tomllib.load(f)["project"]["version"]
+    assert _string_constant(REPO / "funcpg" / "__init__.py", "__version__") == version
+    for script in ALGORITHM_SCRIPTS:
+        assert _string_constant(script, "FUNCPG_VERSION") == version, script.name
+
+
+def module_level_imports(tree: ast.Module) -> list[tuple[str, int]]:
+    """(top-level package, line) of every import executed at import time: everything outside function bodies."""
+    found = []
+
+    def visit(node):
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+                continue
+            if isinstance(child, ast.Import):
+                found.extend((alias.name.split(".")[0], child.lineno) for alias in child.names)
+            elif isinstance(child, ast.ImportFrom):
+                found.append(("." * child.level + (child.module or "").split(".")[0], child.lineno))
+            visit(child)
+
+    visit(tree)
+    return found
+
+
+def all_imports(tree: ast.Module) -> list[tuple[str, int]]:
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.extend((alias.name.split(".")[0], node.lineno) for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            found.append(("." * node.level + (node.module or "").split(".")[0], node.lineno))
+    return found
+
+
+@pytest.mark.parametrize("script", ALGORITHM_SCRIPTS, ids=lambda p: p.name)
+def test_algorithm_scripts_import_only_stdlib_torch_gymnasium_numpy_tyro(script):
+    tree = ast.parse(script.read_text())
+    allowed = set(sys.stdlib_module_names) | ALLOWED_THIRD_PARTY
+    bad = [(name, line) for name, line in module_level_imports(tree) if name not in allowed]
+    assert bad == [], f"{script.name}: module-level imports outside the allowed set: {bad}"
+    # not even lazily: the file must run when copied alone, without the funcpg package or relative imports
+    own = [(name, line) for name, line in all_imports(tree) if name.startswith(".") or name == "funcpg"]
+    assert own == [], f"{script.name} imports the package itself: {own}"
+    assert any(isinstance(n, ast.If) and "__main__" in ast.unparse(n.test) for n in tree.body), \
+        f"{script.name} has no `if __name__ == \"__main__\":` guard"
+
+
+IMPORT_PROBE = r"""
+import importlib.util, os, sys, time
+started = time.time()
+import funcpg.{stem} as by_package
+spec = importlib.util.spec_from_file_location("copied_{stem}", sys.argv[1])
+by_path = sys.modules[spec.name] = importlib.util.module_from_spec(spec)  # dataclasses look the module up
+spec.loader.exec_module(by_path)
+for module in (by_package, by_path):
+    missing = [name for name in ("Args", "train", "main") if not callable(getattr(module, name, None))]
+    assert not missing, missing
+print("IMPORTED", round(time.time() - started, 2))
+"""
+
+
+@pytest.mark.parametrize("script", ALGORITHM_SCRIPTS, ids=lambda p: p.name)
+def test_importing_an_algorithm_script_runs_nothing(tmp_path, script):
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    r = subprocess.run([sys.executable, "-c", IMPORT_PROBE.replace("{stem}", script.stem), str(script)],
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "Traceback" not in r.stderr
+    lines = r.stdout.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("IMPORTED"), f"importing printed something:\n{r.stdout}"
+    assert float(lines[0].split()[1]) < 30, "importing took too long: does it run something?"
+    assert list(tmp_path.iterdir()) == [], f"importing wrote files: {list(tmp_path.iterdir())}"
