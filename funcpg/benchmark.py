@@ -108,7 +108,7 @@ def bench_threshold(args: BenchArgs, algo: str, workdir: str) -> dict:
     max_steps = 20_000 if args.quick else args.max_steps
     for seed in range(1, args.seeds + 1):
         run_dir = os.path.join(workdir, f"{algo}_threshold_{seed}")
-        run_script(algo, ["--env-id", args.env_id, "--seed", str(seed), "--num-envs", str(args.num_envs),
+        process_seconds = run_script(algo, ["--env-id", args.env_id, "--seed", str(seed), "--num-envs", str(args.num_envs),
                           "--total-timesteps", str(max_steps), "--target-return", str(args.threshold),
                           "--eval-every", "0", "--save-every", "0", "--run-dir", run_dir])
         episodes, updates = read_csv(os.path.join(run_dir, "episodes.csv")), read_csv(os.path.join(run_dir, "updates.csv"))
@@ -117,12 +117,14 @@ def bench_threshold(args: BenchArgs, algo: str, workdir: str) -> dict:
         runs.append({"seed": seed, "steps_to_threshold": hit[0] if hit else None,
                      "seconds_to_threshold": hit[1] if hit else None,
                      "steps": int(last["global_step"]), "seconds": float(last["wall_time"]),
-                     "steps_per_s": int(last["global_step"]) / float(last["wall_time"])})
+                     "steps_per_s": int(last["global_step"]) / float(last["wall_time"]),
+                     "process_seconds": process_seconds})
     reached = [r for r in runs if r["steps_to_threshold"] is not None]
     median = lambda key: float(np.median([r[key] for r in reached])) if reached else None  # noqa: E731
     return {"runs": runs, "reached": len(reached), "median_steps_to_threshold": median("steps_to_threshold"),
             "median_seconds_to_threshold": median("seconds_to_threshold"),
-            "median_steps_per_s": float(np.median([r["steps_per_s"] for r in runs]))}
+            "median_steps_per_s": float(np.median([r["steps_per_s"] for r in runs])),
+            "median_process_seconds": float(np.median([r["process_seconds"] for r in runs]))}
 
 
 def time_calls(fn, *inputs, repeat: int) -> float:
@@ -202,7 +204,7 @@ def main() -> None:
             to = (f"{t['median_steps_to_threshold']:,.0f} steps, {t['median_seconds_to_threshold']:.1f} s"
                   if t["reached"] else "not reached")
             rows.append((f"{algo}: to {args.threshold:g} (median, {t['reached']}/{args.seeds} seeds)", to,
-                         f"{t['median_steps_per_s']:,.0f} steps/s"))
+                         f"{t['median_steps_per_s']:,.0f} steps/s; whole process {t['median_process_seconds']:.1f} s"))
             if "ceiling" in result:
                 rows.append((f"{algo}: training / ceiling", f"{t['median_steps_per_s'] / result['ceiling']['env_steps_per_s']:.0%}", ""))
         if "compile" in args.parts:

@@ -625,6 +625,7 @@ def train(args: Args) -> dict:
     "evaluations": [(global_step, mean_return, std_return), ...], "recent_returns": the last 100 returns.
     """
     torch.set_num_threads(args.num_threads)
+    importlib.import_module("torch._dynamo")  # torch.func imports it on first use (~1 s): part of setup, not training
     device = resolve_device(args.device)
     checkpoint = load_checkpoint(args.resume, device) if args.resume else None
     envs = make_env(args.env_id, args.num_envs)
