@@ -1,0 +1,865 @@
+"""Synchronous advantage actor-critic (A2C) as pure functions over parameter dicts.
+
+--num-envs environments run on continuously; every --num-steps steps the rollout [T = num_steps, N] updates
+the policy pi_theta and the critic V_theta once, with one Adam step on
+
+    L(theta) = -mean_t[ log pi(a_t | s_t) * A_t ] + vf_coef * mean_t[ (V(s_t) - R_t)^2 ] - ent_coef * mean_t[ H ]
+
+where A_t is the GAE(lambda) advantage and R_t = A_t + V(s_t) the lambda-return (lambda = 1: the n-step
+bootstrapped return to the end of the rollout). Both come from one reverse scan of the TD residuals:
+    delta_t = r_t + gamma * (1 - terminated_t) * V(s_{t+1}) - V(s_t)
+    A_t = delta_t + gamma * lambda * (1 - done_t) * A_{t+1}
+Bootstrapping: after a termination the value is 0; after a time-limit truncation it is V of the episode's
+final observation (gymnasium's NEXT_STEP autoreset returns it as s_{t+1}); at the end of the rollout it is
+V(next observation). A_t and R_t are constants for the gradient (no gradient flows through the targets).
+Policy and critic are separate MLPs by default (--shared-trunk shares their hidden layers); one optimizer,
+one learning rate and one global-norm clip cover the whole parameter dict.
+The step after a done only resets its env (NEXT_STEP): it is masked out of the loss and never links two
+episodes. Unlike the REINFORCE scripts, episodes run across rollout boundaries (nothing waits for them to
+end), so a resumed run starts its environments afresh; parameters, optimizer, counters and RNG continue.
+
+Run: python actor_critic.py --env-id CartPole-v1     (python actor_critic.py --help for every flag)
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import importlib
+import json
+import math
+import os
+import sys
+import time
+import warnings
+from collections import deque
+from typing import Literal, NamedTuple, Optional
+
+import gymnasium as gym
+import numpy as np
+import torch
+import torch.nn.functional as F
+import tyro
+from torch.func import grad_and_value
+
+FUNCPG_VERSION = "0.1.0"
+ALGORITHM = "actor_critic"
+LOG_2PI = math.log(2 * math.pi)
+
+
+@dataclasses.dataclass
+class Args:
+    # --- experiment ---
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment (part of the run directory's name)"""
+    env_id: str = "CartPole-v1"
+    """the gymnasium environment id; a third-party env as `module:EnvId`"""
+    seed: int = 1
+    """seed of the parameters, the environments and the action noise"""
+    total_timesteps: int = 500_000
+    """environment steps to train for (the run stops at the first rollout boundary at or after it)"""
+    target_return: Optional[float] = None
+    """stop early once the mean return of the last 100 training episodes reaches this value"""
+    device: Literal["cpu", "cuda", "auto"] = "cpu"
+    """where parameters and updates live (auto = cuda if available); small MLPs are fastest on the cpu"""
+    num_threads: int = 1
+    """torch CPU threads (1 is fastest for small networks and leaves cores for parallel runs)"""
+    compile: bool = False
+    """compile the update (values + GAE scan + loss + gradient + Adam) with torch.compile; see the README"""
+    run_dir: Optional[str] = None
+    """where the run writes its files (default: runs/{env_id}__{exp_name}__{seed}__{unix_time})"""
+    resume: Optional[str] = None
+    """path of a checkpoint.pt to continue from (same parameters, optimizer, counters and RNG states)"""
+    save_every: int = 100_000
+    """write checkpoint.pt every this many environment steps (0 = only at the end); always on Ctrl-C"""
+    eval_every: int = 50_000
+    """evaluate every this many environment steps and at the end (0 = never)"""
+    eval_episodes: int = 10
+    """episodes per evaluation, run on a separate vector env"""
+    eval_temperature: float = 0.0
+    """policy temperature for evaluation: 0 = greedy / mean action, 1 = sample as in training"""
+    tensorboard: bool = False
+    """also write TensorBoard events (needs the tensorboard package)"""
+    capture_video: bool = False
+    """record the first episode of every evaluation to run_dir/videos (needs moviepy)"""
+    quiet: bool = False
+    """no progress line, only errors"""
+
+    # --- algorithm ---
+    num_envs: int = 8
+    """parallel environments (a vector env) collecting each rollout"""
+    num_steps: int = 16
+    """steps per environment in a rollout; one update per rollout"""
+    learning_rate: float = 0.001
+    """Adam step size (one optimizer for policy and critic)"""
+    gamma: float = 0.99
+    """discount factor, in [0, 1]"""
+    gae_lambda: float = 1.0
+    """GAE lambda in [0, 1]: 1 = n-step bootstrapped returns, 0 = one-step TD"""
+    normalize_advantages: bool = True
+    """standardize the advantages over the rollout (mean 0, std 1) before the policy loss"""
+    vf_coef: float = 0.5
+    """weight of the value loss"""
+    ent_coef: float = 0.0
+    """weight of the entropy bonus"""
+    max_grad_norm: float = 0.5
+    """clip the global gradient norm to this value (inf = no clipping)"""
+    hidden_sizes: tuple[int, ...] = (64, 64)
+    """hidden layer widths of the tanh MLPs for policy and value (none = linear)"""
+    shared_trunk: bool = False
+    """policy and critic share their hidden layers (separate networks by default)"""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Environments
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def make_env(env_id: str, num_envs: int) -> gym.vector.VectorEnv:
+    """A vector env: gymnasium's native numpy implementation where it has one (CartPole), else a SyncVectorEnv.
+
+    Autoreset is NEXT_STEP: the step after a done only resets that env (its action is ignored, reward 0).
+    Episode returns and lengths are counted in the rollout loop (cheaper than a statistics wrapper per step).
+    """
+    return gym.make_vec(env_id, num_envs=num_envs)
+
+
+def check_env(env_id: str, envs: gym.vector.VectorEnv) -> None:
+    """Raise ValueError naming what is unsupported: the autoreset mode (NEXT_STEP only), the observation space
+    (a 1-D Box) or the action space (Discrete from 0, or a bounded 1-D Box)."""
+    mode = envs.metadata.get("autoreset_mode", gym.vector.AutoresetMode.NEXT_STEP)
+    if mode != gym.vector.AutoresetMode.NEXT_STEP:
+        raise ValueError(f"env {env_id!r} uses autoreset mode {mode}; allowed: NEXT_STEP (gymnasium's default)")
+    observation_space, action_space = envs.single_observation_space, envs.single_action_space
+    if not (isinstance(observation_space, gym.spaces.Box) and len(observation_space.shape) == 1):
+        raise ValueError(f"env {env_id!r} has observation space {observation_space}; allowed: a 1-D Box")
+    if isinstance(action_space, gym.spaces.Discrete):
+        if action_space.start != 0:
+            raise ValueError(f"env {env_id!r} has action space {action_space}; allowed: Discrete(n) starting at 0")
+        return
+    if isinstance(action_space, gym.spaces.Box) and len(action_space.shape) == 1:
+        if np.all(np.isfinite(action_space.low)) and np.all(np.isfinite(action_space.high)):
+            return
+    raise ValueError(f"env {env_id!r} has action space {action_space}; allowed: Discrete or a bounded 1-D Box")
+
+
+def derived_seed(seed: int, purpose: int, index: int) -> int:
+    """A seed for the env reset at update (purpose 0) or the evaluation (purpose 1) number `index` of run `seed`."""
+    return int(np.random.SeedSequence([seed, purpose, index]).generate_state(1)[0])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Parameters and policy: pure functions of (params, obs)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def init_params(
+    obs_dim: int,
+    action_dim: int,
+    hidden_sizes: tuple[int, ...],
+    continuous: bool,
+    generator: torch.Generator,
+    shared_trunk: bool = False,
+) -> dict[str, torch.Tensor]:
+    """Policy "pi.*" and critic "v.*" MLPs, or (shared_trunk) hidden layers "trunk.*" with two linear heads:
+    orthogonal init (gain sqrt(2) for hidden layers, 0.01 for the policy output, 1 for the value output),
+    zero biases; log-std = 0."""
+    params = {}
+    trunk_sizes = [obs_dim, *hidden_sizes] if shared_trunk and hidden_sizes else [obs_dim]
+    for i, (n_in, n_out) in enumerate(zip(trunk_sizes[:-1], trunk_sizes[1:])):
+        params[f"trunk.{i}.weight"] = torch.nn.init.orthogonal_(torch.empty(n_out, n_in), math.sqrt(2), generator=generator)
+        params[f"trunk.{i}.bias"] = torch.zeros(n_out)
+    head_hidden = () if len(trunk_sizes) > 1 else hidden_sizes
+    for prefix, out_dim, out_gain in [("pi", action_dim, 0.01), ("v", 1, 1.0)]:
+        sizes = [trunk_sizes[-1], *head_hidden, out_dim]
+        for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+            gain = out_gain if i == len(sizes) - 2 else math.sqrt(2)
+            params[f"{prefix}.{i}.weight"] = torch.nn.init.orthogonal_(torch.empty(n_out, n_in), gain, generator=generator)
+            params[f"{prefix}.{i}.bias"] = torch.zeros(n_out)
+    if continuous:
+        params["pi.log_std"] = torch.zeros(action_dim)
+    return params
+
+
+def trunk(params: dict[str, torch.Tensor], obs: torch.Tensor) -> torch.Tensor:
+    """The shared hidden layers (tanh) if there are any (--shared-trunk), else obs itself."""
+    i = 0
+    while f"trunk.{i}.weight" in params:
+        obs = torch.tanh(F.linear(obs, params[f"trunk.{i}.weight"], params[f"trunk.{i}.bias"]))
+        i += 1
+    return obs
+
+
+def mlp(params: dict[str, torch.Tensor], prefix: str, x: torch.Tensor) -> torch.Tensor:
+    """The tanh MLP whose layers are params[f"{prefix}.{i}.weight" / ".bias"], i = 0, 1, ..."""
+    i = 0
+    while f"{prefix}.{i + 1}.weight" in params:
+        x = torch.tanh(F.linear(x, params[f"{prefix}.{i}.weight"], params[f"{prefix}.{i}.bias"]))
+        i += 1
+    return F.linear(x, params[f"{prefix}.{i}.weight"], params[f"{prefix}.{i}.bias"])
+
+
+def value(params: dict[str, torch.Tensor], obs: torch.Tensor) -> torch.Tensor:
+    """V(s) for obs [..., obs_dim]: [...]."""
+    return mlp(params, "v", trunk(params, obs)).squeeze(-1)
+
+
+def log_prob_entropy(
+    params: dict[str, torch.Tensor], obs: torch.Tensor, actions: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """log pi(a|s) and the entropy of pi(.|s) for obs [..., obs_dim]; both [...].
+
+    Discrete: Categorical over the MLP's logits (actions hold the indices).
+    Continuous: diagonal Gaussian with mean = MLP output and the state-independent params["pi.log_std"];
+    the log-prob is that of the sampled, unclipped action.
+    """
+    out = mlp(params, "pi", trunk(params, obs))
+    if "pi.log_std" in params:
+        log_std = params["pi.log_std"].expand_as(out)
+        z = (actions - out) * torch.exp(-log_std)
+        log_prob = (-0.5 * z.square() - log_std - 0.5 * LOG_2PI).sum(-1)
+        entropy = (log_std + 0.5 * (1.0 + LOG_2PI)).sum(-1)
+    else:
+        log_probs = torch.log_softmax(out, dim=-1)
+        log_prob = log_probs.gather(-1, actions.long().unsqueeze(-1)).squeeze(-1)
+        entropy = -(log_probs.exp() * log_probs).sum(-1)
+    return log_prob, entropy
+
+
+def sample_action(
+    params: dict[str, torch.Tensor], obs: torch.Tensor, generator: torch.Generator, temperature: float = 1.0
+) -> torch.Tensor:
+    """Draw a ~ pi(.|obs) with plain tensor ops (no torch.distributions in the per-step loop).
+
+    Discrete: Gumbel-max, argmax(logits / T - log E) with E ~ Exp(1). Continuous: mean + T * std * N(0, 1).
+    Temperature 0 gives the greedy action (argmax of logits / the mean).
+    """
+    out = mlp(params, "pi", trunk(params, obs))
+    if "pi.log_std" in params:
+        if temperature == 0.0:
+            return out
+        noise = torch.randn(out.shape, generator=generator, device=out.device)
+        return out + temperature * params["pi.log_std"].exp() * noise
+    if temperature == 0.0:
+        return out.argmax(-1)
+    if temperature != 1.0:
+        out = out / temperature
+    return (out - torch.empty_like(out).exponential_(generator=generator).log()).argmax(-1)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Returns: one reverse scan
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def discounted_scan(x: torch.Tensor, a: torch.Tensor, init: torch.Tensor) -> torch.Tensor:
+    """y_t = x_t + a_t * y_{t+1} for t = T-1, ..., 0 with y_T = init; x, a: [T, ...], init: [...].
+
+    With x = TD residuals and a = gamma * lambda * (1 - done) this is GAE(lambda) within each episode. Computed by recursive doubling: after the pass with stride k, (x_t, a_t) is the composition of
+    the affine maps y -> x_s + a_s * y for s = t .. t+k-1, so ceil(log2 T) vectorised passes replace the
+    T-step Python loop (cheap to compile, and the same code runs eagerly).
+    """
+    length = x.shape[0]
+    x = torch.cat([x[:-1], (x[-1] + a[-1] * init).unsqueeze(0)])
+    a = torch.cat([a[:-1], torch.zeros_like(a[-1:])])
+    stride = 1
+    while stride < length:
+        x = x + a * torch.cat([x[stride:], torch.zeros_like(x[:stride])])
+        a = a * torch.cat([a[stride:], torch.zeros_like(a[:stride])])
+        stride *= 2
+    return x
+
+
+def compute_advantages(
+    rewards: torch.Tensor, values: torch.Tensor, terminated: torch.Tensor, dones: torch.Tensor, gamma: float, lam: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """GAE(lambda) advantages and lambda-returns, both [T, N], from rewards [T, N], values V(s_0..s_T) [T+1, N],
+    terminated and dones (terminated or truncated) [T, N].
+
+    delta_t = r_t + gamma * (1 - terminated_t) * V(s_{t+1}) - V(s_t): a truncated step bootstraps from V of its
+    final observation, a terminated one from 0, the last step of the rollout from V(next observation).
+    A_t = delta_t + gamma * lambda * (1 - done_t) * A_{t+1}: an advantage never reaches across an episode end.
+    """
+    deltas = rewards + gamma * (1.0 - terminated) * values[1:] - values[:-1]
+    advantages = discounted_scan(deltas, gamma * lam * (1.0 - dones), torch.zeros_like(rewards[0]))
+    return advantages, advantages + values[:-1]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loss, optimizer, update
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class Batch(NamedTuple):
+    """One rollout of T = num_steps steps on N envs."""
+
+    obs: torch.Tensor  # [T + 1, N, obs_dim]: obs[t + 1] after a done at t is the episode's final observation
+    actions: torch.Tensor  # [T, N] (discrete) or [T, N, action_dim] (continuous, unclipped)
+    rewards: torch.Tensor  # [T, N]
+    terminated: torch.Tensor  # [T, N] 1.0 where the episode terminated (the value after it is 0)
+    dones: torch.Tensor  # [T, N] 1.0 where the episode ended (terminated or truncated) at this step
+    valid: torch.Tensor  # [T, N] 0.0 on the step after a done, which only resets its env
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return (x * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+def normalize(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Standardize x over the masked entries (population std)."""
+    mean = masked_mean(x, mask)
+    std = masked_mean((x - mean).square(), mask).sqrt()
+    return (x - mean) / (std + 1e-8)
+
+
+def loss_fn(
+    params: dict[str, torch.Tensor],
+    batch: Batch,
+    returns: torch.Tensor,
+    advantages: torch.Tensor,
+    ent_coef: float,
+    vf_coef: float,
+) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """-mean(log pi(a|s) * A) + vf_coef * mean((V(s) - R)^2) - ent_coef * mean(entropy) over the valid steps.
+    Returns (loss, (pg_loss, value_loss, entropy))."""
+    log_prob, entropy = log_prob_entropy(params, batch.obs[:-1], batch.actions)
+    pg_loss = -masked_mean(log_prob * advantages, batch.valid)
+    mean_entropy = masked_mean(entropy, batch.valid)
+    value_loss = masked_mean((value(params, batch.obs[:-1]) - returns).square(), batch.valid)
+    return pg_loss + vf_coef * value_loss - ent_coef * mean_entropy, (pg_loss, value_loss, mean_entropy)
+
+
+def adam_init(params: dict[str, torch.Tensor]) -> dict:
+    """Adam's state: step count and first/second moment estimates, zero."""
+    return {
+        "step": torch.zeros((), dtype=torch.float64, device=next(iter(params.values())).device),
+        "exp_avg": {k: torch.zeros_like(v) for k, v in params.items()},
+        "exp_avg_sq": {k: torch.zeros_like(v) for k, v in params.items()},
+    }
+
+
+def adam_step(
+    params: dict[str, torch.Tensor],
+    grads: dict[str, torch.Tensor],
+    state: dict,
+    lr: float,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+) -> tuple[dict[str, torch.Tensor], dict]:
+    """One step of Adam (the update of torch.optim.Adam, default options) as (params, state) -> (params, state)."""
+    beta1, beta2 = betas
+    step = state["step"] + 1
+    step_size = (lr / (1 - beta1**step)).float()
+    bias_correction2_sqrt = (1 - beta2**step).sqrt().float()
+    new_params, exp_avg, exp_avg_sq = {}, {}, {}
+    for k, p in params.items():
+        exp_avg[k] = torch.lerp(state["exp_avg"][k], grads[k], 1 - beta1)
+        exp_avg_sq[k] = state["exp_avg_sq"][k] * beta2 + (1 - beta2) * grads[k] * grads[k]
+        denom = exp_avg_sq[k].sqrt() / bias_correction2_sqrt + eps
+        new_params[k] = p - step_size * exp_avg[k] / denom
+    return new_params, {"step": step, "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
+
+
+def clip_grad_norm(grads: dict[str, torch.Tensor], max_norm: float) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Scale all gradients by min(1, max_norm / (global norm + 1e-6)), as torch.nn.utils.clip_grad_norm_."""
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads.values()]))
+    scale = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+    return {k: g * scale for k, g in grads.items()}, norm
+
+
+def make_update(args: Args):
+    """The whole learning step as one pure function (params, opt_state, batch) -> (params, opt_state, metrics).
+
+    This is what --compile hands to torch.compile: values, GAE scan, loss, gradient, clipping and Adam in one
+    graph. Every rollout has the same shape, so it compiles once per run.
+    """
+
+    def update(params: dict[str, torch.Tensor], opt_state: dict, batch: Batch):
+        values = value(params, batch.obs).detach()  # targets are constants: no gradient through them
+        advantages, returns = compute_advantages(batch.rewards, values, batch.terminated, batch.dones, args.gamma,
+                                                 args.gae_lambda)
+        if args.normalize_advantages:
+            advantages = normalize(advantages, batch.valid)
+        grads, (loss, (pg_loss, value_loss, entropy)) = grad_and_value(loss_fn, has_aux=True)(
+            params, batch, returns, advantages, args.ent_coef, args.vf_coef
+        )
+        grads, grad_norm = clip_grad_norm(grads, args.max_grad_norm)
+        params, opt_state = adam_step(params, grads, opt_state, args.learning_rate)
+        finite = torch.stack([torch.isfinite(loss), torch.isfinite(grad_norm)]
+                             + [torch.isfinite(p).all() for p in params.values()]).all()
+        metrics = {"loss": loss, "policy_loss": pg_loss, "value_loss": value_loss, "entropy": entropy,
+                   "grad_norm": grad_norm, "finite": finite}
+        return params, opt_state, metrics
+
+    return torch.compile(update, fullgraph=True) if args.compile else update
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Rollout
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class Rollout:
+    """The vector env's running state and buffers [num_steps, num_envs, ...]; collect() fills one rollout."""
+
+    def __init__(self, envs: gym.vector.VectorEnv, num_steps: int, device: torch.device, seed: int):
+        """Resets the envs with `seed`; episodes then run on across rollouts."""
+        self.envs, self.num_steps, self.device = envs, num_steps, device
+        space = envs.single_action_space
+        self.continuous = isinstance(space, gym.spaces.Box)
+        self.low, self.high = (space.low, space.high) if self.continuous else (None, None)
+        n, obs_shape = envs.num_envs, envs.single_observation_space.shape
+        self.obs = torch.zeros((num_steps + 1, n, *obs_shape), device=device)
+        self.actions = torch.zeros((num_steps, n, *(space.shape if self.continuous else ())), device=device)
+        self.next_obs, _ = envs.reset(seed=seed)
+        self.previous_done = np.zeros(n, dtype=bool)  # carried across rollouts: the next step only resets
+        self.episode_return, self.episode_length = np.zeros(n), np.zeros(n, dtype=np.int64)
+
+    def collect(self, params: dict[str, torch.Tensor], generator: torch.Generator, on_episode) -> tuple[Batch, int]:
+        """Run num_steps steps. on_episode(t, return, length) is called for every finished episode (t = steps per
+        env so far in this rollout). Returns the batch and num_steps.
+        The batch's obs and actions are views of this Rollout's buffers: the next collect overwrites them.
+        """
+        n, num_steps = self.envs.num_envs, self.num_steps
+        rewards = np.zeros((num_steps, n), dtype=np.float32)
+        terms = np.zeros((num_steps, n), dtype=np.float32)
+        dones = np.zeros((num_steps, n), dtype=np.float32)
+        valid = np.zeros((num_steps, n), dtype=np.float32)
+        obs, previous_done = self.next_obs, self.previous_done
+        episode_return, episode_length = self.episode_return, self.episode_length
+        with torch.no_grad():
+            for t in range(num_steps):
+                obs_t = torch.as_tensor(obs, dtype=torch.float32, device=self.device)
+                action = sample_action(params, obs_t, generator)
+                self.obs[t] = obs_t
+                self.actions[t] = action
+                action_np = action.cpu().numpy()
+                if self.continuous:
+                    action_np = np.clip(action_np, self.low, self.high)
+                obs, reward, terminated, truncated, _ = self.envs.step(action_np)
+                done = terminated | truncated
+                # the step after a done only resets its env (NEXT_STEP autoreset): never learn from it, nor count it
+                valid[t] = ~previous_done
+                rewards[t], terms[t], dones[t] = reward, terminated, done
+                episode_return += reward
+                episode_length += ~previous_done
+                previous_done = done
+                if done.any():
+                    for i in np.flatnonzero(done):
+                        on_episode(t + 1, float(episode_return[i]), int(episode_length[i]))
+                    episode_return[done], episode_length[done] = 0.0, 0
+        self.obs[num_steps] = torch.as_tensor(obs, dtype=torch.float32, device=self.device)  # bootstraps the last step
+        self.next_obs, self.previous_done = obs, previous_done
+        data = (torch.from_numpy(x).to(self.device) for x in (rewards, terms, dones, valid))
+        return Batch(self.obs, self.actions, *data), num_steps
+
+
+def evaluate(args: Args, params: dict[str, torch.Tensor], seed: int, device: torch.device) -> np.ndarray:
+    """Returns of args.eval_episodes episodes (one per env of a separate vector env) at args.eval_temperature."""
+    envs = make_env(args.env_id, args.eval_episodes)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    space = envs.single_action_space
+    obs, _ = envs.reset(seed=seed)
+    returns, finished = np.zeros(args.eval_episodes), np.zeros(args.eval_episodes, dtype=bool)
+    while not finished.all():
+        with torch.no_grad():
+            action = sample_action(params, torch.as_tensor(obs, dtype=torch.float32, device=device), generator,
+                                   args.eval_temperature).cpu().numpy()
+        if isinstance(space, gym.spaces.Box):
+            action = np.clip(action, space.low, space.high)
+        obs, reward, terminated, truncated, _ = envs.step(action)
+        returns += np.where(finished, 0.0, reward)  # each env's first episode only
+        finished |= terminated | truncated
+    envs.close()
+    return returns
+
+
+def record_video(
+    args: Args, params: dict[str, torch.Tensor], seed: int, device: torch.device, video_dir: str, name: str
+) -> None:
+    """One evaluation episode rendered to video_dir/{name}-episode-0.mp4 (gymnasium's RecordVideo; needs moviepy)."""
+    with warnings.catch_warnings():  # RecordVideo warns whenever the folder already exists
+        warnings.simplefilter("ignore")
+        env = gym.wrappers.RecordVideo(gym.make(args.env_id, render_mode="rgb_array"), video_dir,
+                                       episode_trigger=lambda _: True, name_prefix=name, disable_logger=True)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    obs, _ = env.reset(seed=seed)
+    done = False
+    while not done:
+        with torch.no_grad():
+            action = sample_action(params, torch.as_tensor(obs, dtype=torch.float32, device=device)[None], generator,
+                                   args.eval_temperature)[0].cpu().numpy()
+        if isinstance(env.action_space, gym.spaces.Box):
+            action = np.clip(action, env.action_space.low, env.action_space.high)
+        obs, _, terminated, truncated, _ = env.step(action)
+        done = terminated or truncated
+    env.close()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Run directory, checkpoints, logging (plumbing)
+# ----------------------------------------------------------------------------------------------------------------
+
+CSV_COLUMNS = {
+    "episodes.csv": ["seed", "global_step", "wall_time", "episodic_return", "episodic_length"],
+    "updates.csv": ["seed", "global_step", "wall_time", "policy_loss", "value_loss", "entropy", "grad_norm", "sps"],
+    "eval.csv": ["seed", "global_step", "mean_return", "std_return", "episodes"],
+}
+
+
+CHECKPOINT_KEYS = {"algorithm", "env_id", "args", "params", "opt_state", "global_step", "num_updates", "wall_time",
+                   "recent_returns", "rng_state"}
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def load_checkpoint(path: str, device: torch.device = torch.device("cpu")) -> dict:
+    """Load a checkpoint safely (weights_only=True); ValueError naming the file if it is not one of ours."""
+    if not os.path.isfile(path):
+        raise ValueError(f"--resume {path!r}: no such file; allowed: a checkpoint.pt written by {ALGORITHM}.py")
+    try:
+        checkpoint = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:  # any unpickling failure means the file is not a usable checkpoint
+        raise ValueError(f"--resume {path!r}: not a readable checkpoint (torch.load with weights_only=True raised "
+                         f"{type(e).__name__}); allowed: a checkpoint.pt written by {ALGORITHM}.py") from None
+    if not isinstance(checkpoint, dict) or checkpoint.get("algorithm") != ALGORITHM:
+        found = checkpoint.get("algorithm") if isinstance(checkpoint, dict) else type(checkpoint).__name__
+        raise ValueError(f"--resume {path!r}: checkpoint of {found!r}; allowed: a checkpoint written by {ALGORITHM}.py")
+    missing = sorted(CHECKPOINT_KEYS - checkpoint.keys())
+    if missing:
+        raise ValueError(f"--resume {path!r}: incomplete checkpoint, missing {', '.join(missing)}")
+    return checkpoint
+
+
+def save_checkpoint(path: str, checkpoint: dict) -> None:
+    """Write atomically: a crash mid-write leaves the previous checkpoint intact."""
+    tmp = path + ".tmp"
+    torch.save(checkpoint, tmp)
+    os.replace(tmp, path)
+
+
+def unused_path(path: str) -> str:
+    """path, or path-2, path-3, ... if it exists (two runs started in the same second)."""
+    candidate, i = path, 1
+    while os.path.exists(candidate):
+        i += 1
+        candidate = f"{path}-{i}"
+    return candidate
+
+
+def trim_csv(path: str, max_step: int) -> None:
+    """Keep the header and the complete rows up to the checkpoint's step: rows logged after it will be logged
+    again, and a run killed mid-write may have left a partial last line."""
+    if not os.path.exists(path):
+        return
+    with open(path, newline="") as f:
+        text = f.read()
+    lines = text.splitlines(keepends=True)
+    if lines and not lines[-1].endswith("\n"):
+        lines.pop()  # cut off mid-write
+    rows = list(csv.reader(lines))
+    if not rows:
+        return os.remove(path)
+    header = rows[0]
+    kept = [header] + [r for r in rows[1:] if len(r) == len(header) and r[1].isdigit() and int(r[1]) <= max_step]
+    with open(path + ".tmp", "w", newline="") as f:
+        csv.writer(f).writerows(kept)
+    os.replace(path + ".tmp", path)
+
+
+class Logger:
+    """CSV files of DESIGN.md section 4, optional TensorBoard, and the live progress line."""
+
+    def __init__(self, args: Args, run_dir: str, resume_step: Optional[int]):
+        self.args, self.run_dir, self.files, self.writers = args, run_dir, {}, {}
+        for name, columns in CSV_COLUMNS.items():
+            path = os.path.join(run_dir, name)
+            if resume_step is not None:
+                trim_csv(path, resume_step)
+            new = not os.path.exists(path)
+            self.files[name] = open(path, "a", newline="")
+            self.writers[name] = csv.writer(self.files[name])
+            if new:
+                self.writers[name].writerow(columns)
+        self.tb = None
+        if args.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(run_dir)
+        self.last_print, self.last_printed_step = 0.0, None
+        self.interactive = sys.stdout.isatty()
+
+    def row(self, name: str, values: list) -> None:
+        self.writers[name].writerow([f"{v:.6g}" if isinstance(v, float) else v for v in values])
+
+    def scalar(self, tag: str, value: float, step: int) -> None:
+        if self.tb is not None:
+            self.tb.add_scalar(tag, value, step)
+
+    def flush(self) -> None:
+        for f in self.files.values():
+            f.flush()
+
+    def progress(self, step: int, recent: deque, sps: float, final: bool = False) -> None:
+        if self.args.quiet:
+            return
+        now = time.time()
+        if not final and now - self.last_print < (0.5 if self.interactive else 10.0):
+            return
+        if final and step == self.last_printed_step and not self.interactive:
+            return
+        self.last_print, self.last_printed_step = now, step
+        mean = f"{np.mean(recent):8.1f}" if recent else "     n/a"
+        eta = max(self.args.total_timesteps - step, 0) / max(sps, 1e-9)
+        line = (f"step {step:>9,}/{self.args.total_timesteps:,} | return (last {len(recent)}) {mean} | "
+                f"{sps:>7,.0f} steps/s | ETA {eta:5.0f}s")
+        end = "" if self.interactive and not final else "\n"
+        print(("\r" if self.interactive else "") + line, end=end, flush=True)
+
+    def close(self) -> None:
+        for f in self.files.values():
+            f.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def train(args: Args) -> dict:
+    """The whole run. Returns {"episodes", "evaluations", "params", "recent_returns", "run_dir", "global_step",
+    "interrupted"}; the per-agent entries are lists (one agent per seed):
+    "episodes": {"global_step": [...], "return": [...], "length": [...]} of the finished training episodes,
+    "evaluations": [(global_step, mean_return, std_return), ...], "recent_returns": the last 100 returns.
+    """
+    torch.set_num_threads(args.num_threads)
+    importlib.import_module("torch._dynamo")  # torch.func imports it on first use (~1 s): part of setup, not training
+    device = resolve_device(args.device)
+    checkpoint = load_checkpoint(args.resume, device) if args.resume else None
+    envs = make_env(args.env_id, args.num_envs)
+    check_env(args.env_id, envs)
+    continuous = isinstance(envs.single_action_space, gym.spaces.Box)
+    obs_dim = envs.single_observation_space.shape[0]
+    action_dim = envs.single_action_space.shape[0] if continuous else int(envs.single_action_space.n)
+
+    # --- state: parameters, optimizer, counters, RNG ---
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    if checkpoint is None:
+        params = init_params(obs_dim, action_dim, tuple(args.hidden_sizes), continuous,
+                             torch.Generator().manual_seed(args.seed), args.shared_trunk)
+        params = {k: v.to(device) for k, v in params.items()}
+        opt_state = adam_init(params)
+        global_step, num_updates, wall_offset, recent = 0, 0, 0.0, deque(maxlen=100)
+        run_dir = args.run_dir or unused_path(os.path.join(
+            "runs", f"{args.env_id.replace('/', '-').replace(':', '-')}__{args.exp_name}__{args.seed}__{int(time.time())}"))
+    else:
+        params, opt_state = checkpoint["params"], checkpoint["opt_state"]
+        global_step, num_updates = checkpoint["global_step"], checkpoint["num_updates"]
+        wall_offset, recent = checkpoint["wall_time"], deque(checkpoint["recent_returns"], maxlen=100)
+        generator.set_state(checkpoint["rng_state"].to("cpu") if device.type == "cpu" else checkpoint["rng_state"])
+        run_dir = args.run_dir or os.path.dirname(os.path.abspath(args.resume))
+    os.makedirs(run_dir, exist_ok=True)
+    with open(os.path.join(run_dir, "config.json"), "w") as f:
+        json.dump({**dataclasses.asdict(args), "algorithm": ALGORITHM, "run_dir": run_dir,
+                   "funcpg": FUNCPG_VERSION, "torch": torch.__version__, "gymnasium": gym.__version__}, f, indent=2)
+    logger = Logger(args, run_dir, global_step if checkpoint else None)
+    checkpoint_path = os.path.join(run_dir, "checkpoint.pt")
+
+    rollout = Rollout(envs, args.num_steps, device, derived_seed(args.seed, 0, num_updates))
+    update = make_update(args)
+    episodes = {"global_step": [], "return": [], "length": []}
+    evaluations = []
+    start = time.time()
+
+    def wall() -> float:
+        return wall_offset + time.time() - start
+
+    def snapshot() -> dict:
+        return {"algorithm": ALGORITHM, "env_id": args.env_id, "args": dataclasses.asdict(args),
+                "params": params, "opt_state": opt_state, "global_step": global_step, "num_updates": num_updates,
+                "wall_time": wall(), "recent_returns": list(recent), "rng_state": generator.get_state()}
+
+    def run_evaluation() -> None:
+        seed = derived_seed(args.seed, 1, global_step)
+        returns = evaluate(args, params, seed, device)
+        if args.capture_video:
+            record_video(args, params, seed, device, os.path.join(run_dir, "videos"), f"eval-step{global_step}")
+        evaluations.append((global_step, float(returns.mean()), float(returns.std())))
+        logger.row("eval.csv", [args.seed, global_step, float(returns.mean()), float(returns.std()), len(returns)])
+        logger.scalar("eval/mean_return", float(returns.mean()), global_step)
+
+    last_good = snapshot()
+    interrupted = False
+    try:
+        while global_step < args.total_timesteps:
+            batch_start_step, batch_start_time = global_step, time.time()
+
+            def on_episode(t: int, ret: float, length: int) -> None:
+                step = batch_start_step + t * args.num_envs
+                recent.append(ret)
+                for key, value in zip(episodes, (step, ret, length)):
+                    episodes[key].append(value)
+                logger.row("episodes.csv", [args.seed, step, wall(), ret, length])
+                logger.scalar("charts/episodic_return", ret, step)
+                logger.scalar("charts/episodic_length", length, step)
+
+            # ----- collect a rollout -----
+            batch, steps_per_env = rollout.collect(params, generator, on_episode)
+            global_step += steps_per_env * args.num_envs
+
+            # ----- learn -----
+            params, opt_state, metrics = update(params, opt_state, batch)
+            num_updates += 1
+            if not metrics["finite"]:
+                save_checkpoint(checkpoint_path, last_good)
+                raise NonFiniteLoss(f"non-finite loss, gradient or parameters at step {global_step} (loss "
+                                    f"{metrics['loss'].item()}); checkpoint.pt holds the last finite state, step "
+                                    f"{last_good['global_step']}: {checkpoint_path}")
+
+            # ----- log, evaluate, save -----
+            sps = steps_per_env * args.num_envs / (time.time() - batch_start_time)
+            logger.row("updates.csv", [args.seed, global_step, wall(), metrics["policy_loss"].item(),
+                                       metrics["value_loss"].item(), metrics["entropy"].item(),
+                                       metrics["grad_norm"].item(), sps])
+            for tag in ("policy_loss", "value_loss", "entropy", "grad_norm"):
+                logger.scalar(f"losses/{tag}", metrics[tag].item(), global_step)
+            logger.scalar("charts/SPS", sps, global_step)
+            crossed = lambda every: every > 0 and global_step // every > batch_start_step // every  # noqa: E731
+            if crossed(args.eval_every):
+                run_evaluation()
+            last_good = snapshot()
+            if crossed(args.save_every):
+                save_checkpoint(checkpoint_path, last_good)
+            logger.flush()
+            logger.progress(global_step, recent, (global_step - batch_start_step) / (time.time() - batch_start_time))
+            if args.target_return is not None and len(recent) == recent.maxlen and np.mean(recent) >= args.target_return:
+                break
+        if args.eval_every > 0 and (not evaluations or evaluations[-1][0] != global_step):
+            run_evaluation()
+        save_checkpoint(checkpoint_path, last_good)
+    except KeyboardInterrupt:
+        interrupted = True
+        save_checkpoint(checkpoint_path, last_good)  # the state at the last completed update
+    finally:
+        logger.flush()
+        envs.close()
+    if not interrupted:
+        steps_this_session = global_step - (checkpoint["global_step"] if checkpoint else 0)
+        logger.progress(global_step, recent, steps_this_session / max(wall() - wall_offset, 1e-9), final=True)
+    logger.close()
+    # after Ctrl-C, the run is what the checkpoint holds: the interrupted batch is not part of it
+    return {"episodes": [episodes], "evaluations": [evaluations], "params": [last_good["params"]], "run_dir": run_dir,
+            "global_step": last_good["global_step"], "recent_returns": [last_good["recent_returns"]],
+            "interrupted": interrupted}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def validate(args: Args) -> None:
+    """Raise ValueError with a one-line message for any value train() cannot run with; does no training."""
+    positive = {"--num-envs": args.num_envs, "--num-steps": args.num_steps, "--total-timesteps": args.total_timesteps,
+                "--eval-episodes": args.eval_episodes, "--num-threads": args.num_threads}
+    for flag, value in positive.items():
+        if value < 1:
+            raise ValueError(f"{flag} {value}: must be a positive integer")
+    if not 0 <= args.seed < 2**32:
+        raise ValueError(f"--seed {args.seed}: must be an integer in [0, 2**32)")
+    for flag, value in {"--save-every": args.save_every, "--eval-every": args.eval_every}.items():
+        if value < 0:
+            raise ValueError(f"{flag} {value}: must be >= 0 (0 = off)")
+    if not 0.0 <= args.gamma <= 1.0:
+        raise ValueError(f"--gamma {args.gamma}: must be in [0, 1]")
+    if not 0.0 <= args.gae_lambda <= 1.0:
+        raise ValueError(f"--gae-lambda {args.gae_lambda}: must be in [0, 1]")
+    if not (args.learning_rate > 0 and math.isfinite(args.learning_rate)):
+        raise ValueError(f"--learning-rate {args.learning_rate}: must be a positive number")
+    if not (args.vf_coef >= 0 and math.isfinite(args.vf_coef)):
+        raise ValueError(f"--vf-coef {args.vf_coef}: must be a number >= 0")
+    if not (args.ent_coef >= 0 and math.isfinite(args.ent_coef)):
+        raise ValueError(f"--ent-coef {args.ent_coef}: must be a number >= 0")
+    if not args.max_grad_norm > 0:
+        raise ValueError(f"--max-grad-norm {args.max_grad_norm}: must be > 0 (inf = no clipping)")
+    if not (args.eval_temperature >= 0 and math.isfinite(args.eval_temperature)):
+        raise ValueError(f"--eval-temperature {args.eval_temperature}: must be a number >= 0")
+    if any(h < 1 for h in args.hidden_sizes):
+        raise ValueError(f"--hidden-sizes {' '.join(map(str, args.hidden_sizes))}: widths must be positive integers")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is available; allowed here: cpu, auto")
+    try:
+        envs = make_env(args.env_id, 1)
+    except Exception as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"--env-id {args.env_id!r}: cannot make this environment ({reason}); "
+                         f"allowed: a registered gymnasium id such as CartPole-v1, or module:EnvId") from None
+    check_env(args.env_id, envs)
+    envs.close()
+    if args.resume:
+        checkpoint = load_checkpoint(args.resume)
+        if checkpoint.get("env_id") != args.env_id:
+            raise ValueError(f"--resume {args.resume!r}: checkpoint is for env {checkpoint.get('env_id')!r}, "
+                             f"not --env-id {args.env_id!r}")
+        saved = tuple(checkpoint["args"].get("hidden_sizes", ()))
+        if saved != tuple(args.hidden_sizes):
+            raise ValueError(f"--hidden-sizes {args.hidden_sizes}: the checkpoint's network has {saved}")
+        if checkpoint["args"].get("shared_trunk") != args.shared_trunk:
+            raise ValueError(f"--shared-trunk {args.shared_trunk}: the checkpoint was trained with "
+                             f"--shared-trunk {checkpoint['args'].get('shared_trunk')}")
+    if args.run_dir and os.path.exists(args.run_dir) and not os.path.isdir(args.run_dir):
+        raise ValueError(f"--run-dir {args.run_dir!r} is a file; allowed: a directory (new, or a run to --resume)")
+    if not args.resume and args.run_dir and os.path.exists(os.path.join(args.run_dir, "episodes.csv")):
+        raise ValueError(f"--run-dir {args.run_dir!r} already holds a run; choose a new directory or "
+                         f"--resume {os.path.join(args.run_dir, 'checkpoint.pt')}")
+    for flag, module, package in [("--tensorboard", "torch.utils.tensorboard", "tensorboard"),
+                                  ("--capture-video", "moviepy", "moviepy")]:
+        if getattr(args, flag[2:].replace("-", "_")):
+            try:
+                importlib.import_module(module)
+            except ImportError:
+                raise ValueError(f"{flag} needs the {package} package: pip install {package}") from None
+
+
+def main() -> None:
+    args = tyro.cli(Args, description=__doc__.split("\n\n")[0])
+    try:
+        if args.resume:
+            # the checkpoint's settings are the defaults; flags given on this command line override them
+            saved = load_checkpoint(args.resume)["args"]
+            fields = {f.name for f in dataclasses.fields(Args)}
+            defaults = Args(**{k: tuple(v) if k == "hidden_sizes" else v for k, v in saved.items() if k in fields})
+            args = tyro.cli(Args, default=dataclasses.replace(defaults, resume=args.resume, run_dir=None),
+                            description=__doc__.split("\n\n")[0])
+        validate(args)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    try:
+        result = train(args)
+    except NonFiniteLoss as e:
+        if sys.stdout.isatty():
+            print()  # end the progress line
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    if not args.quiet:
+        recent = result["recent_returns"][0]
+        status = "interrupted, checkpoint saved" if result["interrupted"] else "done"
+        print(f"{status}: {result['global_step']:,} steps, mean return of the last {len(recent)} episodes "
+              f"{np.mean(recent) if recent else float('nan'):.1f}; run directory: {result['run_dir']}")
+    if result["interrupted"]:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()
