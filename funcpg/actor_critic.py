@@ -86,11 +86,11 @@ class Args:
     """no progress line, only errors"""
 
     # --- algorithm ---
-    num_envs: int = 8
+    num_envs: int = 16
     """parallel environments (a vector env) collecting each rollout"""
     num_steps: int = 16
     """steps per environment in a rollout; one update per rollout"""
-    learning_rate: float = 0.001
+    learning_rate: float = 0.002
     """Adam step size (one optimizer for policy and critic)"""
     gamma: float = 0.99
     """discount factor, in [0, 1]"""
