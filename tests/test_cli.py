@@ -433,7 +433,7 @@ def test_same_seed_gives_identical_logs_and_another_seed_differs(tmp_path, share
     for k in ckpt_a["params"]:
         assert torch.equal(ckpt_a["params"][k], ckpt_b["params"][k]), k
 
-    r = run_script(script, "--seed", 2, "--eval-every", 0, "--total-timesteps", HALF, "--run-dir", "seed2",
+    r = run_script(script, "--seed", 2, "--eval-every", 0, "--total-timesteps", 5000, "--run-dir", "seed2",
                    cwd=tmp_path)
     assert_ok(r)
     _, seed1 = read_csv(straight_run / "episodes.csv")
@@ -595,24 +595,21 @@ def test_script_copied_alone_runs_without_the_package(tmp_path, script):
     copied = other / f"{script}.py"
     shutil.copy(script_path(script), copied)
     clean_env = {k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR")}
-    r = run_script(script, "--total-timesteps", 2000, "--eval-every", 0, cwd=other, env=clean_env, path=copied)
+    # a poisoned `funcpg` package first on the path: importing it at any point (even lazily) kills the run
+    poison = tmp_path / "poison" / "funcpg"
+    poison.mkdir(parents=True)
+    (poison / "__init__.py").write_text("import os\nos._exit(99)\n")
+    r = run_script(script, "--total-timesteps", 2000, "--eval-every", 1000, "--eval-episodes", 2, cwd=other,
+                   env={**clean_env, "PYTHONPATH": str(poison.parent)}, path=copied)
+    assert r.returncode != 99, "the copied script imported the funcpg package"
     assert_ok(r)
     run_dirs = list((other / "runs").glob(f"CartPole-v1__{script}__1__*"))
     assert len(run_dirs) == 1, list((other / "runs").iterdir()) if (other / "runs").exists() else "no runs/"
     assert re.fullmatch(rf"CartPole-v1__{script}__1__\d+", run_dirs[0].name)
     assert RUN_FILES <= set(os.listdir(run_dirs[0]))
     _, episodes = read_csv(run_dirs[0] / "episodes.csv")
-    assert episodes
-
-    # a poisoned `funcpg` package first on the path: importing it at any point kills the run
-    poison = tmp_path / "poison" / "funcpg"
-    poison.mkdir(parents=True)
-    (poison / "__init__.py").write_text("import os\nos._exit(99)\n")
-    r = run_script(script, "--total-timesteps", 1000, "--eval-every", 1000, "--eval-episodes", 2, "--run-dir",
-                   "run2", cwd=other, env={**clean_env, "PYTHONPATH": str(poison.parent)}, path=copied)
-    assert r.returncode != 99, "the copied script imported the funcpg package"
-    assert_ok(r)
-    assert (other / "run2" / "episodes.csv").exists()
+    _, evals = read_csv(run_dirs[0] / "eval.csv")
+    assert episodes and len(evals) >= 2
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -681,12 +678,11 @@ COMMON_FLAGS = [
                   "--total-timesteps", 1998], id="MountainCarContinuous"),
     pytest.param(["--env-id", "Acrobot-v1", "--num-envs", 4, "--num-steps", 64, "--total-timesteps", 2000],
                  id="Acrobot"),
-    pytest.param(["--env-id", "gymnasium.envs.classic_control.cartpole:CartPole-v1", "--total-timesteps", 2000],
-                 id="module-colon-id"),
+    pytest.param(["--env-id", "gymnasium.envs.classic_control.cartpole:CartPole-v1", "--ent-coef", 0.01,
+                  "--eval-temperature", 1, "--eval-every", 1000, "--eval-episodes", 3, "--total-timesteps", 2000],
+                 id="module-colon-id-ent-coef-eval-temperature"),
     pytest.param(["--env-id", "testenvs:BoundedContinuous-v0", "--eval-every", 500, "--eval-episodes", 2,
                   "--total-timesteps", 1000], id="actions-clipped-to-bounds"),
-    pytest.param(["--ent-coef", 0.01, "--eval-temperature", 1, "--eval-every", 1000, "--eval-episodes", 3,
-                  "--total-timesteps", 3000], id="ent-coef-eval-temperature"),
 ]
 
 
@@ -858,18 +854,15 @@ BAD_INPUT = [
     *bad([R, RB], ["--max-grad-norm", "0"], ["--max-grad-norm", "0"], "max-grad-norm-0"),
     *bad([R, AC], ["--hidden-sizes", "0"], ["--hidden-sizes", "0"], "hidden-sizes-0"),
     *bad([RB], ["--value-learning-rate", "0"], ["--value-learning-rate", "0"], "value-learning-rate-0"),
-    *bad([RB], ["--value-learning-rate", "inf"], ["--value-learning-rate", "inf"], "value-learning-rate-inf"),
     *bad([AC], ["--gae-lambda", "1.5"], ["--gae-lambda", "1.5"], "gae-lambda-1.5"),
-    *bad([AC], ["--gae-lambda", "-0.1"], ["--gae-lambda", "-0.1"], "gae-lambda-negative"),
     *bad([AC], ["--vf-coef", "-1"], ["--vf-coef", "-1"], "vf-coef-negative"),
-    *bad([AC], ["--vf-coef", "nan"], ["--vf-coef", "nan"], "vf-coef-nan"),
     # the checkpoint to resume
     *bad([R, AC], ["--resume", "{tmp}/missing.pt"], ["missing.pt"], "resume-missing-file"),
     *bad([R, RB], ["--resume", "{tmp}/corrupt.pt"], ["corrupt.pt"], "resume-corrupt-file"),
-    *bad([R, RB, AC], ["--resume", "{tmp}/other_algorithm.pt"], ["other_algorithm.pt", "{other_algorithm}"],
+    *bad([R], ["--resume", "{tmp}/other_algorithm.pt"], ["other_algorithm.pt", "{other_algorithm}"],
          "resume-other-algorithm"),
     *bad([R, AC], ["--resume", "{tmp}/incomplete.pt"], ["incomplete.pt"], "resume-incomplete-checkpoint"),
-    *bad([R, RB, AC], ["--resume", "{prev}/checkpoint.pt", "--env-id", "CartPole-v1"],
+    *bad([R, AC], ["--resume", "{prev}/checkpoint.pt", "--env-id", "CartPole-v1"],
          ["Pendulum-v1", "CartPole-v1"], "resume-checkpoint-of-another-env"),
     *bad([R], ["--resume", "{prev}/checkpoint.pt", "--hidden-sizes", "32"], ["--hidden-sizes"],
          "resume-with-other-hidden-sizes"),
@@ -949,8 +942,12 @@ def test_bad_input_is_one_error_line_exit_2_and_no_work(tmp_path, shared, script
     assert_rejected_without_writing(script, flags, needles, tmp_path, env)
 
 
-@pytest.mark.parametrize("script,other", [(s, o) for s in SCRIPTS for o in SCRIPTS if o != s],
-                         ids=lambda x: x)
+# each script rejects one, and each script's checkpoint is rejected by one; plus the likeliest mix-up: reinforce
+# and reinforce_baseline (their checkpoints have the same keys, and with --baseline batch-mean the same network)
+OTHER_SCRIPT_CHECKPOINT = [(R, RB), (RB, AC), (AC, R), (RB, R)]
+
+
+@pytest.mark.parametrize("script,other", OTHER_SCRIPT_CHECKPOINT, ids=lambda x: x)
 def test_a_checkpoint_of_another_script_is_rejected(tmp_path, shared, script, other):
     """A real checkpoint of another algorithm script (same env) is refused before any work."""
     shutil.copytree(shared(other, "pendulum"), tmp_path / "theirs")
@@ -966,7 +963,6 @@ UNUSUAL_INPUT = [
     pytest.param(R, ["--env-id", "testenvs:ShiftedDiscrete-v0"], id="reinforce-discrete-start-1"),
     pytest.param(RB, ["--env-id", "testenvs:ShiftedDiscrete-v0"], id="reinforce_baseline-discrete-start-1"),
     pytest.param(AC, ["--env-id", "testenvs:SameStepAutoreset-v0"], id="actor_critic-same-step-autoreset-env"),
-    pytest.param(AC, ["--seed", str(2**64)], id="actor_critic-seed-2**64"),
 ]
 
 
@@ -988,7 +984,6 @@ def test_unusual_input_runs_or_is_rejected_cleanly(tmp_path, script, flags):
 UNPARSABLE = [
     pytest.param(R, ["--return-type", "sometimes"], id="reinforce-return-type-choice"),
     pytest.param(RB, ["--baseline", "median"], id="reinforce_baseline-baseline-choice"),
-    pytest.param(AC, ["--gae-lambda", "high"], id="actor_critic-gae-lambda-word"),
     pytest.param(AC, ["--return-type", "episode"], id="actor_critic-flag-of-another-script"),
 ]
 
@@ -1103,7 +1098,7 @@ def test_actor_critic_ctrl_c_saves_the_last_update_and_resumes(tmp_path, shared)
     assert load_checkpoint(run_dir / "checkpoint.pt")["global_step"] >= HALF
 
 
-@pytest.mark.parametrize("script", SCRIPTS)
+@pytest.mark.parametrize("script", [R, AC])  # reinforce_baseline collects its batches with reinforce's code
 def test_ctrl_c_before_the_first_update(tmp_path, script):
     """Interrupted in the middle of the first (long) batch: the checkpoint is the initial state, step 0."""
     run_dir = tmp_path / "run"
@@ -1160,7 +1155,7 @@ def test_non_finite_loss_stops_with_a_message_and_keeps_the_last_checkpoint(tmp_
     assert not list((tmp_path / "run").glob("*.tmp"))
 
 
-@pytest.mark.parametrize("script", SCRIPTS)
+@pytest.mark.parametrize("script", [R, AC])  # the same code path in all three; the test above covers each
 def test_non_finite_loss_without_periodic_saves_leaves_a_checkpoint(tmp_path, script):
     r = run_script(script, *NAN_FLAGS, "--save-every", 0, "--run-dir", "run", cwd=tmp_path)
     assert_non_finite_error(r)
