@@ -819,9 +819,11 @@ def validate(args: Args) -> None:
                              f"--shared-trunk {checkpoint['args'].get('shared_trunk')}")
     if args.run_dir and os.path.exists(args.run_dir) and not os.path.isdir(args.run_dir):
         raise ValueError(f"--run-dir {args.run_dir!r} is a file; allowed: a directory (new, or a run to --resume)")
-    if not args.resume and args.run_dir and os.path.exists(os.path.join(args.run_dir, "episodes.csv")):
-        raise ValueError(f"--run-dir {args.run_dir!r} already holds a run; choose a new directory or "
-                         f"--resume {os.path.join(args.run_dir, 'checkpoint.pt')}")
+    if args.run_dir and os.path.exists(os.path.join(args.run_dir, "episodes.csv")):
+        resuming_here = args.resume and os.path.samefile(args.run_dir, os.path.dirname(os.path.abspath(args.resume)))
+        if not resuming_here:
+            raise ValueError(f"--run-dir {args.run_dir!r} already holds a run; choose a new directory or "
+                             f"--resume {os.path.join(args.run_dir, 'checkpoint.pt')}")
     for flag, module, package in [("--tensorboard", "torch.utils.tensorboard", "tensorboard"),
                                   ("--capture-video", "moviepy", "moviepy")]:
         if getattr(args, flag[2:].replace("-", "_")):

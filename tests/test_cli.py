@@ -872,6 +872,8 @@ BAD_INPUT = [
          "resume-with-other-shared-trunk"),
     # the run directory
     *bad(ALL, ["--run-dir", "{prev}"], ["--run-dir", "prev"], "run-dir-holds-a-run"),
+    *bad(ALL, ["--resume", "{prev}/checkpoint.pt", "--run-dir", "{tmp}/other_run"], ["--run-dir", "other_run"],
+         "resume-into-another-run"),
     *bad([R, AC], ["--run-dir", "{tmp}/a_file"], ["a_file"], "run-dir-is-a-file"),
     # the device and the optional extras
     *bad([R, AC], ["--device", "cuda"], ["cuda"], "device-cuda-without-gpu",
@@ -906,6 +908,7 @@ def prepare_bad_input_dir(tmp_path: Path, script: str, pendulum_run: Path) -> tu
     hide_packages(tmp_path / "hidden", "tensorboard", "moviepy")
     env["PYTHONPATH"] = os.pathsep.join([str(tmp_path / "hidden"), str(tmp_path)])
     shutil.copytree(pendulum_run, tmp_path / "prev")
+    shutil.copytree(pendulum_run, tmp_path / "other_run")  # a run that resuming {prev} must not write into
     (tmp_path / "corrupt.pt").write_bytes(random.Random(0).randbytes(4096))
     other_algorithm = AC if script != AC else R
     torch.save({"algorithm": other_algorithm, "args": {}}, tmp_path / "other_algorithm.pt")
