@@ -139,7 +139,8 @@ def bench_threshold(algo: str, env_id: str, threshold: Optional[float], max_step
                      "steps": int(last["global_step"]), "seconds": float(last["wall_time"]),
                      "steps_per_s": int(last["global_step"]) / float(last["wall_time"]),
                      "process_seconds": process_seconds,
-                     "last100_mean": float(np.mean([float(e["episodic_return"]) for e in episodes[-100:]]))})
+                     "last100_mean": float(np.mean([float(e["episodic_return"]) for e in episodes[-100:]]))
+                     if episodes else float("nan")})
     return {**summarize(runs), "flags": flags,
             "median_process_seconds": float(np.median([r["process_seconds"] for r in runs]))}
 
