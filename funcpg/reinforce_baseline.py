@@ -371,11 +371,13 @@ def make_update(args: Args):
 
     def update(params: dict[str, torch.Tensor], opt_state: dict, batch: Batch):
         rewards = batch.rewards
-        if args.baseline == "value":  # bootstrap time-limit truncations: G = r + gamma * V(final observation)
-            rewards = rewards + args.gamma * batch.truncated * value(params, batch.obs[1:]).detach()
+        if args.baseline == "value":
+            values = value(params, batch.obs).detach()  # a constant for both losses: no gradient through it
+            # bootstrap time-limit truncations: G = r + gamma * V(final observation)
+            rewards = rewards + args.gamma * batch.truncated * values[1:]
         returns = compute_returns(rewards, batch.dones, batch.valid, args.gamma, args.return_type)
         if args.baseline == "value":
-            advantages = returns - value(params, batch.obs[:-1]).detach()
+            advantages = returns - values[:-1]
         else:
             advantages = returns - masked_mean(returns, batch.valid)
         if args.normalize_advantages:
