@@ -23,12 +23,15 @@ Run: python reinforce.py --env-id CartPole-v1     (python reinforce.py --help fo
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import importlib
+import io
 import json
 import math
 import os
+import re
 import sys
 import time
 import warnings
@@ -807,16 +810,41 @@ def validate(args: Args) -> None:
                 raise ValueError(f"{flag} needs the {package} package: pip install {package}") from None
 
 
+def parse_args(default: Optional[Args] = None) -> Args:
+    """tyro.cli, with tyro's multi-line error box turned into the one line `error: ...` of every other bad input
+    (exit 2). --help prints to stdout as usual."""
+    captured = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(captured):
+            args = tyro.cli(Args, default=default, description=__doc__.split("\n\n")[0])
+    except SystemExit as e:
+        if e.code not in (0, None):
+            text = re.sub(r"\x1b\[[0-9;]*m", "", captured.getvalue())
+            title = re.search(r"╭─+ (.*?) ─", text)
+            body = []
+            for line in text.splitlines()[1:]:
+                line = line.strip().strip("│").strip()
+                if not line or set(line) <= set("─╰╯"):  # the box's first paragraph ends at a rule or a blank
+                    break
+                body.append(line)
+            message = " ".join(body) or "invalid command line"
+            if title and not message.lower().startswith(title.group(1).lower()):
+                message = f"{title.group(1)}: {message}"
+            print(f"error: {message} (--help lists every flag)", file=sys.stderr)
+        raise
+    sys.stderr.write(captured.getvalue())
+    return args
+
+
 def main() -> None:
-    args = tyro.cli(Args, description=__doc__.split("\n\n")[0])
+    args = parse_args()
     try:
         if args.resume:
             # the checkpoint's settings are the defaults; flags given on this command line override them
             saved = load_checkpoint(args.resume)["args"]
             fields = {f.name for f in dataclasses.fields(Args)}
             defaults = Args(**{k: tuple(v) if k == "hidden_sizes" else v for k, v in saved.items() if k in fields})
-            args = tyro.cli(Args, default=dataclasses.replace(defaults, resume=args.resume, run_dir=None),
-                            description=__doc__.split("\n\n")[0])
+            args = parse_args(default=dataclasses.replace(defaults, resume=args.resume, run_dir=None))
         validate(args)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
