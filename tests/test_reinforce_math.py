@@ -692,3 +692,47 @@ def test_policy_gradient_estimator_is_unbiased_on_exact_mdp():
         assert (target.abs() > 4 * se).sum() >= 4, "test too weak: few components distinguishable from 0"
         assert z.abs().max() < 4, f"{return_type}: mean {mean.tolist()} vs -grad J / 2 {target.tolist()}, z {z.tolist()}"
         print(f"{return_type}: max |z| = {z.abs().max():.2f}, |target| / |SE| = {target.norm() / se.norm():.1f}")
+
+
+class FixedLengthEpisodes(gym.Env):
+    """Terminates after exactly 50 steps, reward 1 per step; registered without a time limit."""
+
+    observation_space = gym.spaces.Box(-1.0, 1.0, (2,), np.float32)
+    action_space = gym.spaces.Discrete(2)
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        self.t = 0
+        return np.zeros(2, np.float32), {}
+
+    def step(self, action):
+        self.t += 1
+        return np.full(2, self.t / 50, np.float32), 1.0, self.t == 50, False, {}
+
+
+LONG_ID = "funcpg_test/NoTimeLimit-v0"
+if LONG_ID not in gym.registry:
+    gym.register(id=LONG_ID, entry_point=FixedLengthEpisodes)
+
+
+@pytest.mark.parametrize("module", ["reinforce", "reinforce_baseline"])
+def test_rollout_buffer_grows_for_envs_without_time_limit(module):
+    """With no time limit the buffer starts at 2 * num_steps rows and must grow to hold whole episodes."""
+    import importlib
+
+    mod = importlib.import_module(f"funcpg.{module}")
+    envs = mod.make_env(LONG_ID, 3)
+    rollout = mod.Rollout(envs, num_steps=4, device=torch.device("cpu"))
+    assert rollout.capacity == 8
+    params = mod.init_params(2, 2, (8,), False, torch.Generator().manual_seed(0))
+    episodes = []
+    batch, steps = rollout.collect(params, torch.Generator().manual_seed(0), 0, lambda *e: episodes.append(e))
+    assert steps == 50 and rollout.capacity >= 50
+    assert batch.valid.sum().item() == 150 and bool(batch.valid.all())
+    assert [e[1:] for e in episodes] == [(50.0, 50)] * 3
+    returns = mod.compute_returns(batch.rewards, batch.dones, batch.valid, 1.0, "reward-to-go")
+    expected = torch.arange(50, 0, -1, dtype=torch.float32)[:, None].expand(50, 3)
+    assert torch.equal(returns, expected)
+    # the observations are the env's, step by step (t / 50 after t steps)
+    assert torch.allclose(batch.obs[:50, :, 0], (torch.arange(50, dtype=torch.float32) / 50)[:, None].expand(50, 3))
+    envs.close()
