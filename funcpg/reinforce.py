@@ -32,7 +32,9 @@ import json
 import math
 import os
 import re
+import signal
 import sys
+import threading
 import time
 import warnings
 from collections import deque
@@ -500,6 +502,23 @@ class NonFiniteLoss(RuntimeError):
     pass
 
 
+@contextlib.contextmanager
+def ctrl_c_deferred():
+    """Hold a Ctrl-C (SIGINT) that arrives inside the block and raise it as KeyboardInterrupt at the end, so an
+    update, its log rows and the state a checkpoint would save change together or not at all."""
+    if threading.current_thread() is not threading.main_thread():  # signal handlers live in the main thread
+        yield
+        return
+    received = []
+    previous = signal.signal(signal.SIGINT, lambda *_: received.append(True))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if received:
+        raise KeyboardInterrupt
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -702,28 +721,28 @@ def train(args: Args) -> dict:
             batch, steps_per_env = rollout.collect(params, generator, derived_seed(args.seed, 0, num_updates), on_episode)
             global_step += steps_per_env * args.num_envs
 
-            # ----- learn -----
-            params, opt_state, metrics = update(params, opt_state, batch)
-            num_updates += 1
-            if not metrics["finite"]:
-                save_checkpoint(checkpoint_path, last_good)
-                raise NonFiniteLoss(f"non-finite loss, gradient or parameters at step {global_step} (loss "
-                                    f"{metrics['loss'].item()}); checkpoint.pt holds the last finite state, step "
-                                    f"{last_good['global_step']}: {checkpoint_path}")
+            # ----- learn, log, evaluate, save: all or nothing (a Ctrl-C here waits for the end) -----
+            with ctrl_c_deferred():
+                params, opt_state, metrics = update(params, opt_state, batch)
+                num_updates += 1
+                if not metrics["finite"]:
+                    save_checkpoint(checkpoint_path, last_good)
+                    raise NonFiniteLoss(f"non-finite loss, gradient or parameters at step {global_step} (loss "
+                                        f"{metrics['loss'].item()}); checkpoint.pt holds the last finite state, step "
+                                        f"{last_good['global_step']}: {checkpoint_path}")
 
-            # ----- log, evaluate, save -----
-            sps = steps_per_env * args.num_envs / (time.time() - batch_start_time)
-            logger.row("updates.csv", [args.seed, global_step, wall(), metrics["policy_loss"].item(), "",
-                                       metrics["entropy"].item(), metrics["grad_norm"].item(), sps])
-            for tag in ("policy_loss", "entropy", "grad_norm"):
-                logger.scalar(f"losses/{tag}", metrics[tag].item(), global_step)
-            logger.scalar("charts/SPS", sps, global_step)
-            crossed = lambda every: every > 0 and global_step // every > batch_start_step // every  # noqa: E731
-            if crossed(args.eval_every):
-                run_evaluation()
-            last_good = snapshot()
-            if crossed(args.save_every):
-                save_checkpoint(checkpoint_path, last_good)
+                sps = steps_per_env * args.num_envs / (time.time() - batch_start_time)
+                logger.row("updates.csv", [args.seed, global_step, wall(), metrics["policy_loss"].item(), "",
+                                           metrics["entropy"].item(), metrics["grad_norm"].item(), sps])
+                for tag in ("policy_loss", "entropy", "grad_norm"):
+                    logger.scalar(f"losses/{tag}", metrics[tag].item(), global_step)
+                logger.scalar("charts/SPS", sps, global_step)
+                crossed = lambda every: every > 0 and global_step // every > batch_start_step // every  # noqa: E731
+                if crossed(args.eval_every):
+                    run_evaluation()
+                last_good = snapshot()
+                if crossed(args.save_every):
+                    save_checkpoint(checkpoint_path, last_good)
             logger.flush()
             logger.progress(global_step, recent, (global_step - batch_start_step) / (time.time() - batch_start_time))
             if args.target_return is not None and len(recent) == recent.maxlen and np.mean(recent) >= args.target_return:

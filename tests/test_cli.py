@@ -1166,3 +1166,20 @@ def test_non_finite_loss_without_periodic_saves_leaves_a_checkpoint(tmp_path, sc
     assert (tmp_path / "run" / "checkpoint.pt").exists(), describe(r)
     ckpt = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
     assert all(torch.isfinite(v).all() for v in ckpt["params"].values())
+
+
+@pytest.mark.parametrize("script", [R, RB, AC])
+def test_ctrl_c_during_an_update_waits_for_its_bookkeeping(script):
+    """A Ctrl-C between an update and the snapshot a checkpoint saves must not split them (the Ctrl-C race)."""
+    import importlib
+    import signal
+
+    module = importlib.import_module(f"funcpg.{script}")
+    reached_end = False
+    with pytest.raises(KeyboardInterrupt):
+        with module.ctrl_c_deferred():
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)  # the signal is delivered here; without the deferral it would raise now
+            reached_end = True
+    assert reached_end
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is restored
