@@ -151,8 +151,11 @@ def bench_sb3(env_id: str, threshold: Optional[float], max_steps: int, seeds: li
     runs = []
     for seed in seeds:
         r = sb3.run_sb3_a2c(env_id, seed, max_steps, threshold, settings)
-        runs.append({k: r[k] for k in ("seed", "steps_to_threshold", "seconds_to_threshold", "steps", "seconds",
-                                       "steps_per_s", "last100_mean")})
+        # the threshold step by the same rule as for the funcpg runs (the callback only decides when to stop)
+        rows = [{"global_step": step, "wall_time": wall, "episodic_return": ret} for step, wall, ret in r["episodes"]]
+        hit = steps_to_threshold(rows, threshold) if threshold is not None else None
+        runs.append({**{k: r[k] for k in ("seed", "steps", "seconds", "steps_per_s", "last100_mean")},
+                     "steps_to_threshold": hit[0] if hit else None, "seconds_to_threshold": hit[1] if hit else None})
     return {**summarize(runs), "settings": settings}
 
 

@@ -272,7 +272,8 @@ def compute_returns(
 
 
 class Batch(NamedTuple):
-    """One batch of experience, every field [T, N, ...] with T the buffer capacity (rows past the end are 0)."""
+    """One batch of experience, every field [T, N, ...]: T = the steps the batch took, or under --compile the
+    buffer capacity with zero rows past the end (one shape for the whole run)."""
 
     obs: torch.Tensor  # [T, N, obs_dim]
     actions: torch.Tensor  # [T, N] (discrete) or [T, N, action_dim] (continuous, unclipped)
@@ -434,9 +435,10 @@ class Rollout:
                     for i in np.flatnonzero(done):
                         on_episode(t, float(episode_return[i]), int(episode_length[i]))
                     episode_return[done], episode_length[done] = 0.0, 0
-        self.obs[t:] = 0
-        self.actions[t:] = 0
         rows = self.capacity if self.fixed_shape else t
+        if self.fixed_shape:  # the padding rows the compiled update sees (masked, but kept at 0)
+            self.obs[t:] = 0
+            self.actions[t:] = 0
         batch = Batch(self.obs, self.actions, *(torch.from_numpy(x).to(self.device) for x in (rewards, dones, valid)))
         return Batch(*(x[:rows] for x in batch)), t
 

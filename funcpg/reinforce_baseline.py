@@ -293,7 +293,8 @@ def compute_returns(
 
 
 class Batch(NamedTuple):
-    """One batch of experience, every field [T, N, ...] with T the buffer capacity (rows past the end are 0)."""
+    """One batch of experience, every field [T, N, ...]: T = the steps the batch took, or under --compile the
+    buffer capacity with zero rows past the end (one shape for the whole run)."""
 
     obs: torch.Tensor  # [T + 1, N, obs_dim]: obs[t + 1] after a done at t is the episode's final observation
     actions: torch.Tensor  # [T, N] (discrete) or [T, N, action_dim] (continuous, unclipped)
@@ -480,9 +481,10 @@ class Rollout:
                         on_episode(t, float(episode_return[i]), int(episode_length[i]))
                     episode_return[done], episode_length[done] = 0.0, 0
         self.obs[t] = torch.as_tensor(obs, dtype=torch.float32, device=self.device)  # final obs of the last episodes
-        self.obs[t + 1:] = 0
-        self.actions[t:] = 0
         rows = self.capacity if self.fixed_shape else t
+        if self.fixed_shape:  # the padding rows the compiled update sees (masked, but kept at 0)
+            self.obs[t + 1:] = 0
+            self.actions[t:] = 0
         data = (torch.from_numpy(x[:rows]).to(self.device) for x in (rewards, dones, truncs, valid))
         return Batch(self.obs[: rows + 1], self.actions[:rows], *data), t
 

@@ -21,6 +21,7 @@ from torch.distributions import Categorical, Normal
 from torch.func import grad_and_value
 
 from funcpg import reinforce as rf
+from layouts import next_step_layout
 
 torch.set_num_threads(1)
 
@@ -56,37 +57,6 @@ def assert_close_to_ref(actual: torch.Tensor, ref: np.ndarray, magnitude: np.nda
     )
 
 
-def next_step_layout(rng: np.random.Generator, T: int, B: int, max_len: int, p_stop: float = 0.1):
-    """A buffer as Rollout.collect fills it under NEXT_STEP autoreset, plus the list of its valid episodes.
-
-    Per column: episodes (valid, done at the last step), each followed by a dummy step (valid 0, reward 0,
-    done 0); after the column's last complete episode, steps of episodes the batch cannot finish (invalid but
-    with rewards and dones, as the env keeps stepping) and then zero padding rows.
-    Returns float32 arrays rewards, dones, valid [T, B] and episodes = [(column, first_step, end_step)].
-    """
-    rewards = np.zeros((T, B), np.float32)
-    dones = np.zeros((T, B), np.float32)
-    valid = np.zeros((T, B), np.float32)
-    episodes = []
-    for b in range(B):
-        t = 0
-        while True:
-            length = int(rng.integers(1, max_len + 1))
-            if t + length > T or (t > 0 and rng.random() < p_stop):  # the column's env stopped early
-                break
-            rewards[t : t + length, b] = rng.normal(size=length) * rng.choice([0.1, 1.0, 10.0])
-            valid[t : t + length, b] = 1.0
-            dones[t + length - 1, b] = 1.0
-            episodes.append((b, t, t + length))
-            t += length + 1  # dummy step after the done: all zero
-        # the env stays busy past its batch: invalid steps with rewards and dones, then padding
-        if t < T:
-            busy = int(rng.integers(0, T - t + 1))
-            rewards[t : t + busy, b] = rng.normal(size=busy)
-            dones[t : t + busy, b] = rng.random(busy) < 0.3
-    return rewards, dones, valid, episodes
-
-
 def ref_returns(rewards: np.ndarray, episodes, gamma: float, return_type: str) -> tuple[np.ndarray, np.ndarray]:
     """Per-episode Python loops: reward-to-go of the step's own episode, or the episode's G_0 on every step.
 
@@ -94,7 +64,7 @@ def ref_returns(rewards: np.ndarray, episodes, gamma: float, return_type: str) -
     """
     out = np.zeros(rewards.shape)
     mag = np.zeros(rewards.shape)
-    for b, start, end in episodes:
+    for b, start, end, *_ in episodes:
         g = m = 0.0
         for t in reversed(range(start, end)):
             g = float(rewards[t, b]) + gamma * g
@@ -200,7 +170,7 @@ def test_discounted_scan_compiled_matches_loop(inputs):
     seed=st.integers(0, 2**32 - 1),
 )
 def test_compute_returns_matches_episode_loop(T, B, max_len, gamma, return_type, seed):
-    rewards, dones, valid, episodes = next_step_layout(np.random.default_rng(seed), T, B, max_len)
+    rewards, dones, _, valid, episodes = next_step_layout(np.random.default_rng(seed), T, B, max_len)
     returns = rf.compute_returns(
         torch.from_numpy(rewards), torch.from_numpy(dones), torch.from_numpy(valid), gamma, return_type
     )
@@ -412,7 +382,7 @@ def ref_normalize(returns: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
 
 def random_batch(seed: int, T: int, N: int, continuous: bool, obs_dim=OBS_DIM, act_dim=ACT_DIM, max_len=12):
     rng = np.random.default_rng(seed)
-    rewards, dones, valid, episodes = next_step_layout(rng, T, N, max_len)
+    rewards, dones, _, valid, episodes = next_step_layout(rng, T, N, max_len)
     assert valid.sum() > 0
     obs = torch.from_numpy(rng.normal(size=(T, N, obs_dim)).astype(np.float32))
     if continuous:
