@@ -18,6 +18,11 @@ The step after a done only resets its env (NEXT_STEP): it is masked out of the l
 episodes. Unlike the REINFORCE scripts, episodes run across rollout boundaries (nothing waits for them to
 end), so a resumed run starts its environments afresh; parameters, optimizer, counters and RNG continue.
 
+Many agents in one process: --num-seeds K trains K independent agents (seeds seed .. seed+K-1), and several
+--learning-rate / --ent-coef values train the grid (values x seeds). Their parameters and Adam states are
+stacked along a leading agent dimension, the update is torch.func.vmap-ed over it, and one vector env of
+agents x num_envs environments collects every agent's rollout at once.
+
 Run: python actor_critic.py --env-id CartPole-v1     (python actor_critic.py --help for every flag)
 """
 
@@ -45,7 +50,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import tyro
-from torch.func import grad_and_value
+from torch.func import grad_and_value, vmap
 
 FUNCPG_VERSION = "0.1.0"
 ALGORITHM = "actor_critic"
@@ -61,6 +66,8 @@ class Args:
     """the gymnasium environment id; a third-party env as `module:EnvId`"""
     seed: int = 1
     """seed of the parameters, the environments and the action noise"""
+    num_seeds: int = 1
+    """independent agents trained in one process (vmapped), with seeds seed, seed+1, ..., seed+num_seeds-1"""
     total_timesteps: int = 500_000
     """environment steps to train for (the run stops at the first rollout boundary at or after it)"""
     target_return: Optional[float] = None
@@ -95,8 +102,8 @@ class Args:
     """parallel environments (a vector env) collecting each rollout"""
     num_steps: int = 16
     """steps per environment in a rollout; one update per rollout"""
-    learning_rate: float = 0.002
-    """Adam step size (one optimizer for policy and critic)"""
+    learning_rate: tuple[float, ...] = (0.002,)
+    """Adam step size (one optimizer for policy and critic); several values train one agent per value and seed"""
     gamma: float = 0.99
     """discount factor, in [0, 1]"""
     gae_lambda: float = 1.0
@@ -105,8 +112,8 @@ class Args:
     """standardize the advantages over the rollout (mean 0, std 1) before the policy loss"""
     vf_coef: float = 0.5
     """weight of the value loss"""
-    ent_coef: float = 0.0
-    """weight of the entropy bonus"""
+    ent_coef: tuple[float, ...] = (0.0,)
+    """weight of the entropy bonus; several values train one agent per value (and learning rate and seed)"""
     max_grad_norm: float = 0.5
     """clip the global gradient norm to this value (inf = no clipping)"""
     hidden_sizes: tuple[int, ...] = (64, 64)
@@ -186,22 +193,51 @@ def init_params(
     return params
 
 
+def agent_grid(args: Args) -> list[dict]:
+    """One entry {"seed", "learning_rate", "ent_coef"} per agent: every learning rate x every entropy coefficient x
+    every seed, seeds varying fastest. Agents that differ only in hyperparameters start from the same parameters."""
+    return [{"seed": args.seed + i, "learning_rate": lr, "ent_coef": ent_coef}
+            for lr in args.learning_rate for ent_coef in args.ent_coef for i in range(args.num_seeds)]
+
+
+def stack_agents(trees: list):
+    """Stack per-agent dicts of tensors (nested dicts too) along a new leading agent dimension."""
+    if isinstance(trees[0], dict):
+        return {k: stack_agents([t[k] for t in trees]) for k in trees[0]}
+    return torch.stack(trees)
+
+
+def agent_slice(tree, i: int):
+    """Agent i's entries of a stacked (nested) dict of tensors."""
+    return {k: agent_slice(v, i) for k, v in tree.items()} if isinstance(tree, dict) else tree[i]
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """x W^T + b. For one agent (as inside vmap) this is F.linear. Called on stacked parameters (weight
+    [A, out, in], bias [A, out]) with x [A, M, in], it is one batched matmul over the agents: the acting loop
+    uses this, because an eager vmap of the policy costs ~5x more per env step (see the README)."""
+    if weight.dim() == 3:
+        return torch.baddbmm(bias.unsqueeze(1), x, weight.transpose(1, 2))
+    return F.linear(x, weight, bias)
+
+
 def trunk(params: dict[str, torch.Tensor], obs: torch.Tensor) -> torch.Tensor:
     """The shared hidden layers (tanh) if there are any (--shared-trunk), else obs itself."""
     i = 0
     while f"trunk.{i}.weight" in params:
-        obs = torch.tanh(F.linear(obs, params[f"trunk.{i}.weight"], params[f"trunk.{i}.bias"]))
+        obs = torch.tanh(linear(obs, params[f"trunk.{i}.weight"], params[f"trunk.{i}.bias"]))
         i += 1
     return obs
 
 
 def mlp(params: dict[str, torch.Tensor], prefix: str, x: torch.Tensor) -> torch.Tensor:
-    """The tanh MLP whose layers are params[f"{prefix}.{i}.weight" / ".bias"], i = 0, 1, ..."""
+    """The tanh MLP whose layers are params[f"{prefix}.{i}.weight" / ".bias"], i = 0, 1, ... (one agent's params
+    and x [..., in], or stacked params and x [A, M, in])."""
     i = 0
     while f"{prefix}.{i + 1}.weight" in params:
-        x = torch.tanh(F.linear(x, params[f"{prefix}.{i}.weight"], params[f"{prefix}.{i}.bias"]))
+        x = torch.tanh(linear(x, params[f"{prefix}.{i}.weight"], params[f"{prefix}.{i}.bias"]))
         i += 1
-    return F.linear(x, params[f"{prefix}.{i}.weight"], params[f"{prefix}.{i}.bias"])
+    return linear(x, params[f"{prefix}.{i}.weight"], params[f"{prefix}.{i}.bias"])
 
 
 def value(params: dict[str, torch.Tensor], obs: torch.Tensor) -> torch.Tensor:
@@ -234,7 +270,9 @@ def log_prob_entropy(
 def sample_action(
     params: dict[str, torch.Tensor], obs: torch.Tensor, generator: torch.Generator, temperature: float = 1.0
 ) -> torch.Tensor:
-    """Draw a ~ pi(.|obs) with plain tensor ops (no torch.distributions in the per-step loop).
+    """Draw a ~ pi(.|obs) with plain tensor ops (no torch.distributions in the per-step loop), for one agent
+    (obs [M, obs_dim]) or for all agents at once (stacked params, obs [A, M, obs_dim]); one generator draws the
+    noise of every agent.
 
     Discrete: Gumbel-max, argmax(logits / T - log E) with E ~ Exp(1). Continuous: mean + T * std * N(0, 1).
     Temperature 0 gives the greedy action (argmax of logits / the mean).
@@ -244,7 +282,7 @@ def sample_action(
         if temperature == 0.0:
             return out
         noise = torch.randn(out.shape, generator=generator, device=out.device)
-        return out + temperature * params["pi.log_std"].exp() * noise
+        return out + temperature * params["pi.log_std"].exp().unsqueeze(-2) * noise
     if temperature == 0.0:
         return out.argmax(-1)
     if temperature != 1.0:
@@ -373,30 +411,45 @@ def clip_grad_norm(grads: dict[str, torch.Tensor], max_norm: float) -> tuple[dic
 
 
 def make_update(args: Args):
-    """The whole learning step as one pure function (params, opt_state, batch) -> (params, opt_state, metrics).
+    """The learning step of every agent as one pure function (params, opt_state, batch, hyper) -> (params,
+    opt_state, metrics) over stacked agents: parameters and Adam states [A, ...], batch [T, A, N, ...],
+    hyper {"learning_rate", "ent_coef"} [A]; every metric [A].
 
-    This is what --compile hands to torch.compile: values, GAE scan, loss, gradient, clipping and Adam in one
+    update() below is one agent's step: values, GAE scan, loss, gradient, clipping and Adam. torch.func.vmap maps
+    it over the agents, so no agent sees another's data; --compile hands the vmapped step to torch.compile as one
     graph. Every rollout has the same shape, so it compiles once per run.
     """
 
-    def update(params: dict[str, torch.Tensor], opt_state: dict, batch: Batch):
+    def update(params: dict[str, torch.Tensor], opt_state: dict, batch: Batch, hyper: dict[str, torch.Tensor]):
         values = value(params, batch.obs).detach()  # targets are constants: no gradient through them
         advantages, returns = compute_advantages(batch.rewards, values, batch.terminated, batch.dones, args.gamma,
                                                  args.gae_lambda)
         if args.normalize_advantages:
             advantages = normalize(advantages, batch.valid)
         grads, (loss, (pg_loss, value_loss, entropy)) = grad_and_value(loss_fn, has_aux=True)(
-            params, batch, returns, advantages, args.ent_coef, args.vf_coef
+            params, batch, returns, advantages, hyper["ent_coef"], args.vf_coef
         )
         grads, grad_norm = clip_grad_norm(grads, args.max_grad_norm)
-        params, opt_state = adam_step(params, grads, opt_state, args.learning_rate)
+        params, opt_state = adam_step(params, grads, opt_state, hyper["learning_rate"])
         finite = torch.stack([torch.isfinite(loss), torch.isfinite(grad_norm)]
                              + [torch.isfinite(p).all() for p in params.values()]).all()
         metrics = {"loss": loss, "policy_loss": pg_loss, "value_loss": value_loss, "entropy": entropy,
                    "grad_norm": grad_norm, "finite": finite}
         return params, opt_state, metrics
 
-    return torch.compile(update, fullgraph=True) if args.compile else update
+    batched = vmap(update, in_dims=(0, 0, 1, 0))  # the batch's agent dimension is dim 1: [T, A, N, ...]
+    if args.compile:
+        return torch.compile(batched, fullgraph=True)
+    if len(agent_grid(args)) > 1:
+        return batched
+
+    def one_agent(params: dict[str, torch.Tensor], opt_state: dict, batch: Batch, hyper: dict[str, torch.Tensor]):
+        """The same step for a lone agent without vmap, whose eager dispatch costs ~2 ms per update here."""
+        params, opt_state, metrics = update(agent_slice(params, 0), agent_slice(opt_state, 0),
+                                            Batch(*(x[:, 0] for x in batch)), agent_slice(hyper, 0))
+        return stack_agents([params]), stack_agents([opt_state]), stack_agents([metrics])
+
+    return one_agent
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -405,27 +458,30 @@ def make_update(args: Args):
 
 
 class Rollout:
-    """The vector env's running state and buffers [num_steps, num_envs, ...]; collect() fills one rollout."""
+    """One vector env for all agents (agent a's sub-envs are a * N .. a * N + N - 1), its running state, and the
+    buffers [num_steps, A * N, ...] that collect() fills with one rollout of every agent."""
 
-    def __init__(self, envs: gym.vector.VectorEnv, num_steps: int, device: torch.device, seed: int):
+    def __init__(self, envs: gym.vector.VectorEnv, num_agents: int, num_steps: int, device: torch.device, seed: int):
         """Resets the envs with `seed`; episodes then run on across rollouts."""
-        self.envs, self.num_steps, self.device = envs, num_steps, device
+        self.envs, self.num_agents, self.num_steps, self.device = envs, num_agents, num_steps, device
         space = envs.single_action_space
         self.continuous = isinstance(space, gym.spaces.Box)
         self.low, self.high = (space.low, space.high) if self.continuous else (None, None)
         n, obs_shape = envs.num_envs, envs.single_observation_space.shape
-        self.obs = torch.zeros((num_steps + 1, n, *obs_shape), device=device)
-        self.actions = torch.zeros((num_steps, n, *(space.shape if self.continuous else ())), device=device)
+        # numpy buffers: writing a step into them costs ~1 us, a torch indexed copy several
+        self.obs = np.zeros((num_steps + 1, n, *obs_shape), dtype=np.float32)
+        self.actions = np.zeros((num_steps, n, *(space.shape if self.continuous else ())), dtype=np.float32)
         self.next_obs, _ = envs.reset(seed=seed)
         self.previous_done = np.zeros(n, dtype=bool)  # carried across rollouts: the next step only resets
         self.episode_return, self.episode_length = np.zeros(n), np.zeros(n, dtype=np.int64)
 
     def collect(self, params: dict[str, torch.Tensor], generator: torch.Generator, on_episode) -> tuple[Batch, int]:
-        """Run num_steps steps. on_episode(t, return, length) is called for every finished episode (t = steps per
-        env so far in this rollout). Returns the batch and num_steps.
-        The batch's obs and actions are views of this Rollout's buffers: the next collect overwrites them.
+        """Run num_steps steps of every agent (params stacked [A, ...]). on_episode(t, env, return, length) is
+        called for every finished episode (t = steps per env so far in this rollout; env = sub-env index, of agent
+        env // N). Returns the batch [T, A, N, ...] and num_steps.
+        The batch's tensors share memory with this Rollout's buffers: the next collect overwrites them.
         """
-        n, num_steps = self.envs.num_envs, self.num_steps
+        n, num_steps, num_agents = self.envs.num_envs, self.num_steps, self.num_agents
         rewards = np.zeros((num_steps, n), dtype=np.float32)
         terms = np.zeros((num_steps, n), dtype=np.float32)
         dones = np.zeros((num_steps, n), dtype=np.float32)
@@ -434,14 +490,13 @@ class Rollout:
         episode_return, episode_length = self.episode_return, self.episode_length
         with torch.no_grad():
             for t in range(num_steps):
-                obs_t = torch.as_tensor(obs, dtype=torch.float32, device=self.device)
-                action = sample_action(params, obs_t, generator)
-                self.obs[t] = obs_t
+                self.obs[t] = obs
+                obs_t = torch.from_numpy(self.obs[t]).to(self.device).view(num_agents, n // num_agents, -1)
+                action = sample_action(params, obs_t, generator).view(n, *self.actions.shape[2:]).cpu().numpy()
                 self.actions[t] = action
-                action_np = action.cpu().numpy()
                 if self.continuous:
-                    action_np = np.clip(action_np, self.low, self.high)
-                obs, reward, terminated, truncated, _ = self.envs.step(action_np)
+                    action = np.clip(action, self.low, self.high)
+                obs, reward, terminated, truncated, _ = self.envs.step(action)
                 done = terminated | truncated
                 # the step after a done only resets its env (NEXT_STEP autoreset): never learn from it, nor count it
                 valid[t] = ~previous_done
@@ -451,38 +506,42 @@ class Rollout:
                 previous_done = done
                 if done.any():
                     for i in np.flatnonzero(done):
-                        on_episode(t + 1, float(episode_return[i]), int(episode_length[i]))
+                        on_episode(t + 1, int(i), float(episode_return[i]), int(episode_length[i]))
                     episode_return[done], episode_length[done] = 0.0, 0
-        self.obs[num_steps] = torch.as_tensor(obs, dtype=torch.float32, device=self.device)  # bootstraps the last step
+        self.obs[num_steps] = obs  # bootstraps the last step
         self.next_obs, self.previous_done = obs, previous_done
-        data = (torch.from_numpy(x).to(self.device) for x in (rewards, terms, dones, valid))
-        return Batch(self.obs, self.actions, *data), num_steps
+        per_agent = lambda x: torch.from_numpy(x).to(self.device).view(x.shape[0], num_agents, -1, *x.shape[2:])  # noqa: E731
+        return Batch(*(per_agent(x) for x in (self.obs, self.actions, rewards, terms, dones, valid))), num_steps
 
 
 def evaluate(args: Args, params: dict[str, torch.Tensor], seed: int, device: torch.device) -> np.ndarray:
-    """Returns of args.eval_episodes episodes (one per env of a separate vector env) at args.eval_temperature."""
-    envs = make_env(args.env_id, args.eval_episodes)
+    """Returns [A, eval_episodes]: each agent's (params stacked [A, ...]) first episode on each of its
+    args.eval_episodes envs of a separate vector env, at args.eval_temperature."""
+    num_agents = next(iter(params.values())).shape[0]
+    envs = make_env(args.env_id, num_agents * args.eval_episodes)
     generator = torch.Generator(device=device).manual_seed(seed)
     space = envs.single_action_space
     obs, _ = envs.reset(seed=seed)
-    returns, finished = np.zeros(args.eval_episodes), np.zeros(args.eval_episodes, dtype=bool)
+    returns, finished = np.zeros(envs.num_envs), np.zeros(envs.num_envs, dtype=bool)
     while not finished.all():
+        obs_t = torch.as_tensor(obs, dtype=torch.float32, device=device).view(num_agents, args.eval_episodes, -1)
         with torch.no_grad():
-            action = sample_action(params, torch.as_tensor(obs, dtype=torch.float32, device=device), generator,
-                                   args.eval_temperature).cpu().numpy()
+            action = sample_action(params, obs_t, generator, args.eval_temperature)
+        action = action.view(envs.num_envs, *space.shape).cpu().numpy()
         if isinstance(space, gym.spaces.Box):
             action = np.clip(action, space.low, space.high)
         obs, reward, terminated, truncated, _ = envs.step(action)
         returns += np.where(finished, 0.0, reward)  # each env's first episode only
         finished |= terminated | truncated
     envs.close()
-    return returns
+    return returns.reshape(num_agents, args.eval_episodes)
 
 
 def record_video(
     args: Args, params: dict[str, torch.Tensor], seed: int, device: torch.device, video_dir: str, name: str
 ) -> None:
-    """One evaluation episode rendered to video_dir/{name}-episode-0.mp4 (gymnasium's RecordVideo; needs moviepy)."""
+    """One evaluation episode of one agent (its own, unstacked params) rendered to video_dir/{name}-episode-0.mp4
+    (gymnasium's RecordVideo; needs moviepy)."""
     with warnings.catch_warnings():  # RecordVideo warns whenever the folder already exists
         warnings.simplefilter("ignore")
         env = gym.wrappers.RecordVideo(gym.make(args.env_id, render_mode="rgb_array"), video_dir,
@@ -512,8 +571,9 @@ CSV_COLUMNS = {
 }
 
 
-CHECKPOINT_KEYS = {"algorithm", "env_id", "args", "params", "opt_state", "global_step", "num_updates", "wall_time",
-                   "recent_returns", "rng_state"}
+GRID_COLUMNS = ["learning_rate", "ent_coef"]  # appended to every CSV when a run trains several values of either
+CHECKPOINT_KEYS = {"algorithm", "env_id", "args", "agents", "params", "opt_state", "global_step", "num_updates",
+                   "wall_time", "recent_returns", "rng_state"}
 
 
 class NonFiniteLoss(RuntimeError):
@@ -598,10 +658,12 @@ def trim_csv(path: str, max_step: int) -> None:
 
 
 class Logger:
-    """CSV files of DESIGN.md section 4, optional TensorBoard, and the live progress line."""
+    """CSV files of DESIGN.md section 4 (one row per agent: its seed, and its hyperparameters when a run trains a
+    grid of them), optional TensorBoard (one writer per agent), and the live progress line."""
 
-    def __init__(self, args: Args, run_dir: str, resume_step: Optional[int]):
-        self.args, self.run_dir, self.files, self.writers = args, run_dir, {}, {}
+    def __init__(self, args: Args, run_dir: str, resume_step: Optional[int], agents: list[dict]):
+        self.args, self.run_dir, self.agents, self.files, self.writers = args, run_dir, agents, {}, {}
+        self.grid = len(args.learning_rate) > 1 or len(args.ent_coef) > 1
         for name, columns in CSV_COLUMNS.items():
             path = os.path.join(run_dir, name)
             if resume_step is not None:
@@ -610,27 +672,33 @@ class Logger:
             self.files[name] = open(path, "a", newline="")
             self.writers[name] = csv.writer(self.files[name])
             if new:
-                self.writers[name].writerow(columns)
-        self.tb = None
+                self.writers[name].writerow(columns + (GRID_COLUMNS if self.grid else []))
+        self.tb = []
         if args.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(run_dir)
+            self.tb = [SummaryWriter(run_dir if len(agents) == 1 else os.path.join(
+                run_dir, "tensorboard", "_".join(f"{k}{a[k]:g}" for k in a if k == "seed" or self.grid)))
+                for a in agents]
         self.last_print, self.last_printed_step = 0.0, None
         self.interactive = sys.stdout.isatty()
 
-    def row(self, name: str, values: list) -> None:
-        self.writers[name].writerow([f"{v:.6g}" if isinstance(v, float) else v for v in values])
+    def row(self, name: str, agent: int, values: list) -> None:
+        """One row of agent number `agent`: its seed, the values, and its hyperparameters if the run is a grid."""
+        a = self.agents[agent]
+        tail = [a[k] for k in GRID_COLUMNS] if self.grid else []
+        self.writers[name].writerow([a["seed"], *(f"{v:.6g}" if isinstance(v, float) else v for v in values + tail)])
 
-    def scalar(self, tag: str, value: float, step: int) -> None:
-        if self.tb is not None:
-            self.tb.add_scalar(tag, value, step)
+    def scalar(self, tag: str, agent: int, value: float, step: int) -> None:
+        if self.tb:
+            self.tb[agent].add_scalar(tag, value, step)
 
     def flush(self) -> None:
         for f in self.files.values():
             f.flush()
 
-    def progress(self, step: int, recent: deque, sps: float, final: bool = False) -> None:
+    def progress(self, step: int, recent: list[deque], sps: float, final: bool = False) -> None:
+        """step and sps are per agent; the return shown is the mean over agents of their last-100 means."""
         if self.args.quiet:
             return
         now = time.time()
@@ -639,18 +707,20 @@ class Logger:
         if final and step == self.last_printed_step and not self.interactive:
             return
         self.last_print, self.last_printed_step = now, step
-        mean = f"{np.mean(recent):8.1f}" if recent else "     n/a"
+        means = [np.mean(r) for r in recent if r]
+        mean = f"{np.mean(means):8.1f}" if means else "     n/a"
+        which = f"last {len(recent[0])}" if len(recent) == 1 else f"mean of {len(recent)} agents"
+        speed = f"{sps:>7,.0f} steps/s" if len(recent) == 1 else f"{sps * len(recent):>7,.0f} steps/s (all agents)"
         eta = max(self.args.total_timesteps - step, 0) / max(sps, 1e-9)
-        line = (f"step {step:>9,}/{self.args.total_timesteps:,} | return (last {len(recent)}) {mean} | "
-                f"{sps:>7,.0f} steps/s | ETA {eta:5.0f}s")
+        line = f"step {step:>9,}/{self.args.total_timesteps:,} | return ({which}) {mean} | {speed} | ETA {eta:5.0f}s"
         end = "" if self.interactive and not final else "\n"
         print(("\r" if self.interactive else "") + line, end=end, flush=True)
 
     def close(self) -> None:
         for f in self.files.values():
             f.close()
-        if self.tb is not None:
-            self.tb.close()
+        for tb in self.tb:
+            tb.close()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -659,66 +729,77 @@ class Logger:
 
 
 def train(args: Args) -> dict:
-    """The whole run. Returns {"episodes", "evaluations", "params", "recent_returns", "run_dir", "global_step",
-    "interrupted"}; the per-agent entries are lists (one agent per seed):
+    """The whole run. Returns {"agents", "episodes", "evaluations", "params", "recent_returns", "run_dir",
+    "global_step", "interrupted"}; the per-agent entries are lists in the order of agent_grid(args):
+    "agents": {"seed", "learning_rate", "ent_coef"}, "params": the final parameter dict,
     "episodes": {"global_step": [...], "return": [...], "length": [...]} of the finished training episodes,
     "evaluations": [(global_step, mean_return, std_return), ...], "recent_returns": the last 100 returns.
+    "global_step" counts the env steps of one agent (every agent takes the same number).
     """
     torch.set_num_threads(args.num_threads)
     importlib.import_module("torch._dynamo")  # torch.func imports it on first use (~1 s): part of setup, not training
     device = resolve_device(args.device)
     checkpoint = load_checkpoint(args.resume, device) if args.resume else None
-    envs = make_env(args.env_id, args.num_envs)
+    agents = agent_grid(args)
+    num_agents = len(agents)
+    envs = make_env(args.env_id, num_agents * args.num_envs)
     check_env(args.env_id, envs)
     continuous = isinstance(envs.single_action_space, gym.spaces.Box)
     obs_dim = envs.single_observation_space.shape[0]
     action_dim = envs.single_action_space.shape[0] if continuous else int(envs.single_action_space.n)
 
-    # --- state: parameters, optimizer, counters, RNG ---
+    # --- state: parameters and optimizer stacked over the agents [A, ...], counters, RNG ---
     generator = torch.Generator(device=device).manual_seed(args.seed)
+    hyper = {"learning_rate": torch.tensor([a["learning_rate"] for a in agents], dtype=torch.float64, device=device),
+             "ent_coef": torch.tensor([a["ent_coef"] for a in agents], device=device)}
     if checkpoint is None:
-        params = init_params(obs_dim, action_dim, tuple(args.hidden_sizes), continuous,
-                             torch.Generator().manual_seed(args.seed), args.shared_trunk)
+        # agent i starts from exactly the parameters a one-agent run with its seed starts from
+        params = stack_agents([init_params(obs_dim, action_dim, tuple(args.hidden_sizes), continuous,
+                                           torch.Generator().manual_seed(a["seed"]), args.shared_trunk) for a in agents])
         params = {k: v.to(device) for k, v in params.items()}
-        opt_state = adam_init(params)
-        global_step, num_updates, wall_offset, recent = 0, 0, 0.0, deque(maxlen=100)
+        opt_state = stack_agents([adam_init(agent_slice(params, i)) for i in range(num_agents)])
+        global_step, num_updates, wall_offset = 0, 0, 0.0
+        recent = [deque(maxlen=100) for _ in agents]
         run_dir = args.run_dir or unused_path(os.path.join(
             "runs", f"{args.env_id.replace('/', '-').replace(':', '-')}__{args.exp_name}__{args.seed}__{int(time.time())}"))
     else:
         params, opt_state = checkpoint["params"], checkpoint["opt_state"]
         global_step, num_updates = checkpoint["global_step"], checkpoint["num_updates"]
-        wall_offset, recent = checkpoint["wall_time"], deque(checkpoint["recent_returns"], maxlen=100)
+        wall_offset = checkpoint["wall_time"]
+        recent = [deque(r, maxlen=100) for r in checkpoint["recent_returns"]]
         generator.set_state(checkpoint["rng_state"].to("cpu") if device.type == "cpu" else checkpoint["rng_state"])
         run_dir = args.run_dir or os.path.dirname(os.path.abspath(args.resume))
     os.makedirs(run_dir, exist_ok=True)
     with open(os.path.join(run_dir, "config.json"), "w") as f:
-        json.dump({**dataclasses.asdict(args), "algorithm": ALGORITHM, "run_dir": run_dir,
+        json.dump({**dataclasses.asdict(args), "algorithm": ALGORITHM, "run_dir": run_dir, "agents": agents,
                    "funcpg": FUNCPG_VERSION, "torch": torch.__version__, "gymnasium": gym.__version__}, f, indent=2)
-    logger = Logger(args, run_dir, global_step if checkpoint else None)
+    logger = Logger(args, run_dir, global_step if checkpoint else None, agents)
     checkpoint_path = os.path.join(run_dir, "checkpoint.pt")
 
-    rollout = Rollout(envs, args.num_steps, device, derived_seed(args.seed, 0, num_updates))
+    rollout = Rollout(envs, num_agents, args.num_steps, device, derived_seed(args.seed, 0, num_updates))
     update = make_update(args)
-    episodes = {"global_step": [], "return": [], "length": []}
-    evaluations = []
+    episodes = [{"global_step": [], "return": [], "length": []} for _ in agents]
+    evaluations = [[] for _ in agents]
     start = time.time()
 
     def wall() -> float:
         return wall_offset + time.time() - start
 
     def snapshot() -> dict:
-        return {"algorithm": ALGORITHM, "env_id": args.env_id, "args": dataclasses.asdict(args),
+        return {"algorithm": ALGORITHM, "env_id": args.env_id, "args": dataclasses.asdict(args), "agents": agents,
                 "params": params, "opt_state": opt_state, "global_step": global_step, "num_updates": num_updates,
-                "wall_time": wall(), "recent_returns": list(recent), "rng_state": generator.get_state()}
+                "wall_time": wall(), "recent_returns": [list(r) for r in recent], "rng_state": generator.get_state()}
 
     def run_evaluation() -> None:
         seed = derived_seed(args.seed, 1, global_step)
         returns = evaluate(args, params, seed, device)
-        if args.capture_video:
-            record_video(args, params, seed, device, os.path.join(run_dir, "videos"), f"eval-step{global_step}")
-        evaluations.append((global_step, float(returns.mean()), float(returns.std())))
-        logger.row("eval.csv", [args.seed, global_step, float(returns.mean()), float(returns.std()), len(returns)])
-        logger.scalar("eval/mean_return", float(returns.mean()), global_step)
+        if args.capture_video:  # the first agent's
+            record_video(args, agent_slice(params, 0), seed, device, os.path.join(run_dir, "videos"),
+                         f"eval-step{global_step}")
+        for i, r in enumerate(returns):
+            evaluations[i].append((global_step, float(r.mean()), float(r.std())))
+            logger.row("eval.csv", i, [global_step, float(r.mean()), float(r.std()), len(r)])
+            logger.scalar("eval/mean_return", i, float(r.mean()), global_step)
 
     last_good = snapshot()
     interrupted = False
@@ -726,36 +807,40 @@ def train(args: Args) -> dict:
         while global_step < args.total_timesteps:
             batch_start_step, batch_start_time = global_step, time.time()
 
-            def on_episode(t: int, ret: float, length: int) -> None:
-                step = batch_start_step + t * args.num_envs
-                recent.append(ret)
-                for key, value in zip(episodes, (step, ret, length)):
-                    episodes[key].append(value)
-                logger.row("episodes.csv", [args.seed, step, wall(), ret, length])
-                logger.scalar("charts/episodic_return", ret, step)
-                logger.scalar("charts/episodic_length", length, step)
+            def on_episode(t: int, env: int, ret: float, length: int) -> None:
+                step, agent = batch_start_step + t * args.num_envs, env // args.num_envs
+                recent[agent].append(ret)
+                for key, value in zip(episodes[agent], (step, ret, length)):
+                    episodes[agent][key].append(value)
+                logger.row("episodes.csv", agent, [step, wall(), ret, length])
+                logger.scalar("charts/episodic_return", agent, ret, step)
+                logger.scalar("charts/episodic_length", agent, length, step)
 
-            # ----- collect a rollout -----
+            # ----- collect a rollout of every agent -----
             batch, steps_per_env = rollout.collect(params, generator, on_episode)
             global_step += steps_per_env * args.num_envs
 
             # ----- learn, log, evaluate, save: all or nothing (a Ctrl-C here waits for the end) -----
             with ctrl_c_deferred():
-                params, opt_state, metrics = update(params, opt_state, batch)
+                params, opt_state, metrics = update(params, opt_state, batch, hyper)
                 num_updates += 1
-                if not metrics["finite"]:
+                if not metrics["finite"].all():
                     save_checkpoint(checkpoint_path, last_good)
-                    raise NonFiniteLoss(f"non-finite loss, gradient or parameters at step {global_step} (loss "
-                                        f"{metrics['loss'].item()}); checkpoint.pt holds the last finite state, step "
-                                        f"{last_good['global_step']}: {checkpoint_path}")
+                    bad = ", ".join(f"seed {agents[i]['seed']}" + (f" lr {agents[i]['learning_rate']:g} ent-coef "
+                                    f"{agents[i]['ent_coef']:g}" if logger.grid else "")
+                                    for i in np.flatnonzero(~metrics["finite"].cpu().numpy()))
+                    raise NonFiniteLoss(f"non-finite loss, gradient or parameters at step {global_step} ({bad}); "
+                                        f"checkpoint.pt holds the last finite state, step {last_good['global_step']}: "
+                                        f"{checkpoint_path}")
 
-                sps = steps_per_env * args.num_envs / (time.time() - batch_start_time)
-                logger.row("updates.csv", [args.seed, global_step, wall(), metrics["policy_loss"].item(),
-                                           metrics["value_loss"].item(), metrics["entropy"].item(),
-                                           metrics["grad_norm"].item(), sps])
-                for tag in ("policy_loss", "value_loss", "entropy", "grad_norm"):
-                    logger.scalar(f"losses/{tag}", metrics[tag].item(), global_step)
-                logger.scalar("charts/SPS", sps, global_step)
+                sps = steps_per_env * args.num_envs / (time.time() - batch_start_time)  # per agent
+                columns = ("policy_loss", "value_loss", "entropy", "grad_norm")
+                values = torch.stack([metrics[c] for c in columns], 1).tolist()  # [A, 4]: one sync for all agents
+                for i in range(num_agents):
+                    logger.row("updates.csv", i, [global_step, wall(), *values[i], sps])
+                    for tag, v in zip(columns, values[i]):
+                        logger.scalar(f"losses/{tag}", i, v, global_step)
+                    logger.scalar("charts/SPS", i, sps, global_step)
                 crossed = lambda every: every > 0 and global_step // every > batch_start_step // every  # noqa: E731
                 if crossed(args.eval_every):
                     run_evaluation()
@@ -764,9 +849,10 @@ def train(args: Args) -> dict:
                     save_checkpoint(checkpoint_path, last_good)
             logger.flush()
             logger.progress(global_step, recent, (global_step - batch_start_step) / (time.time() - batch_start_time))
-            if args.target_return is not None and len(recent) == recent.maxlen and np.mean(recent) >= args.target_return:
+            if args.target_return is not None and all(  # every agent has reached it
+                    len(r) == r.maxlen and np.mean(r) >= args.target_return for r in recent):
                 break
-        if args.eval_every > 0 and (not evaluations or evaluations[-1][0] != global_step):
+        if args.eval_every > 0 and (not evaluations[0] or evaluations[0][-1][0] != global_step):
             run_evaluation()
         save_checkpoint(checkpoint_path, last_good)
     except KeyboardInterrupt:
@@ -780,9 +866,11 @@ def train(args: Args) -> dict:
         logger.progress(global_step, recent, steps_this_session / max(wall() - wall_offset, 1e-9), final=True)
     logger.close()
     # after Ctrl-C, the run is what the checkpoint holds: the interrupted batch is not part of it
-    return {"episodes": [episodes], "evaluations": [evaluations], "params": [last_good["params"]], "run_dir": run_dir,
-            "global_step": last_good["global_step"], "recent_returns": [last_good["recent_returns"]],
+    return {"agents": agents, "episodes": episodes, "evaluations": evaluations,
+            "params": [agent_slice(last_good["params"], i) for i in range(num_agents)], "run_dir": run_dir,
+            "global_step": last_good["global_step"], "recent_returns": last_good["recent_returns"],
             "interrupted": interrupted}
+
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -792,13 +880,15 @@ def train(args: Args) -> dict:
 
 def validate(args: Args) -> None:
     """Raise ValueError with a one-line message for any value train() cannot run with; does no training."""
-    positive = {"--num-envs": args.num_envs, "--num-steps": args.num_steps, "--total-timesteps": args.total_timesteps,
-                "--eval-episodes": args.eval_episodes, "--num-threads": args.num_threads}
+    positive = {"--num-seeds": args.num_seeds, "--num-envs": args.num_envs, "--num-steps": args.num_steps,
+                "--total-timesteps": args.total_timesteps, "--eval-episodes": args.eval_episodes,
+                "--num-threads": args.num_threads}
     for flag, value in positive.items():
         if value < 1:
             raise ValueError(f"{flag} {value}: must be a positive integer")
-    if not 0 <= args.seed < 2**32:
-        raise ValueError(f"--seed {args.seed}: must be an integer in [0, 2**32)")
+    if not 0 <= args.seed <= 2**32 - args.num_seeds:
+        raise ValueError(f"--seed {args.seed}: must be an integer in [0, 2**32 - num_seeds] (the seeds are "
+                         f"seed .. seed + num_seeds - 1)")
     for flag, value in {"--save-every": args.save_every, "--eval-every": args.eval_every}.items():
         if value < 0:
             raise ValueError(f"{flag} {value}: must be >= 0 (0 = off)")
@@ -806,12 +896,17 @@ def validate(args: Args) -> None:
         raise ValueError(f"--gamma {args.gamma}: must be in [0, 1]")
     if not 0.0 <= args.gae_lambda <= 1.0:
         raise ValueError(f"--gae-lambda {args.gae_lambda}: must be in [0, 1]")
-    if not (args.learning_rate > 0 and math.isfinite(args.learning_rate)):
-        raise ValueError(f"--learning-rate {args.learning_rate}: must be a positive number")
+    for lr in args.learning_rate:
+        if not (lr > 0 and math.isfinite(lr)):
+            raise ValueError(f"--learning-rate {lr}: must be a positive number (one or more values)")
     if not (args.vf_coef >= 0 and math.isfinite(args.vf_coef)):
         raise ValueError(f"--vf-coef {args.vf_coef}: must be a number >= 0")
-    if not (args.ent_coef >= 0 and math.isfinite(args.ent_coef)):
-        raise ValueError(f"--ent-coef {args.ent_coef}: must be a number >= 0")
+    for ent_coef in args.ent_coef:
+        if not (ent_coef >= 0 and math.isfinite(ent_coef)):
+            raise ValueError(f"--ent-coef {ent_coef}: must be a number >= 0 (one or more values)")
+    for flag, values in {"--learning-rate": args.learning_rate, "--ent-coef": args.ent_coef}.items():
+        if len(values) == 0:
+            raise ValueError(f"{flag}: no value given; allowed: one or more numbers")
     if not args.max_grad_norm > 0:
         raise ValueError(f"--max-grad-norm {args.max_grad_norm}: must be > 0 (inf = no clipping)")
     if not (args.eval_temperature >= 0 and math.isfinite(args.eval_temperature)):
@@ -836,6 +931,11 @@ def validate(args: Args) -> None:
         saved = tuple(checkpoint["args"].get("hidden_sizes", ()))
         if saved != tuple(args.hidden_sizes):
             raise ValueError(f"--hidden-sizes {args.hidden_sizes}: the checkpoint's network has {saved}")
+        saved_seeds, seeds = [a["seed"] for a in checkpoint["agents"]], [a["seed"] for a in agent_grid(args)]
+        if saved_seeds != seeds:
+            raise ValueError(f"--seed {args.seed} --num-seeds {args.num_seeds} with {len(args.learning_rate)} "
+                             f"learning rate(s) and {len(args.ent_coef)} ent-coef(s) give agent seeds {seeds}; the "
+                             f"checkpoint's agents have seeds {saved_seeds}")
         if checkpoint["args"].get("shared_trunk") != args.shared_trunk:
             raise ValueError(f"--shared-trunk {args.shared_trunk}: the checkpoint was trained with "
                              f"--shared-trunk {checkpoint['args'].get('shared_trunk')}")
@@ -888,7 +988,7 @@ def main() -> None:
             # the checkpoint's settings are the defaults; flags given on this command line override them
             saved = load_checkpoint(args.resume)["args"]
             fields = {f.name for f in dataclasses.fields(Args)}
-            defaults = Args(**{k: tuple(v) if k == "hidden_sizes" else v for k, v in saved.items() if k in fields})
+            defaults = Args(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items() if k in fields})
             args = parse_args(default=dataclasses.replace(defaults, resume=args.resume, run_dir=None))
         validate(args)
     except ValueError as e:
@@ -902,10 +1002,14 @@ def main() -> None:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     if not args.quiet:
-        recent = result["recent_returns"][0]
         status = "interrupted, checkpoint saved" if result["interrupted"] else "done"
-        print(f"{status}: {result['global_step']:,} steps, mean return of the last {len(recent)} episodes "
-              f"{np.mean(recent) if recent else float('nan'):.1f}; run directory: {result['run_dir']}")
+        means = [np.mean(r) if r else float("nan") for r in result["recent_returns"]]
+        if len(means) == 1:
+            summary = f"mean return of the last {len(result['recent_returns'][0])} episodes {means[0]:.1f}"
+        else:
+            summary = (f"{len(means)} agents, mean return of each one's last 100 episodes: mean {np.mean(means):.1f}, "
+                       f"min {np.min(means):.1f}, max {np.max(means):.1f}")
+        print(f"{status}: {result['global_step']:,} steps, {summary}; run directory: {result['run_dir']}")
     if result["interrupted"]:
         sys.exit(130)
 
