@@ -267,27 +267,34 @@ def log_prob_entropy(
     return log_prob, entropy
 
 
+def action_noise(shape: tuple[int, ...], continuous: bool, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+    """The randomness of sample_action, drawn in one call (for a whole rollout at once in training): N(0, 1) per
+    action dimension (continuous), or Gumbel noise -log E with E ~ Exp(1) per action (discrete)."""
+    if continuous:
+        return torch.randn(shape, generator=generator, device=device)
+    return torch.empty(shape, device=device).exponential_(generator=generator).log_().neg_()
+
+
 def sample_action(
-    params: dict[str, torch.Tensor], obs: torch.Tensor, generator: torch.Generator, temperature: float = 1.0
+    params: dict[str, torch.Tensor], obs: torch.Tensor, noise: torch.Tensor, temperature: float = 1.0
 ) -> torch.Tensor:
     """Draw a ~ pi(.|obs) with plain tensor ops (no torch.distributions in the per-step loop), for one agent
-    (obs [M, obs_dim]) or for all agents at once (stacked params, obs [A, M, obs_dim]); one generator draws the
-    noise of every agent.
+    (obs [M, obs_dim]) or for all agents at once (stacked params, obs [A, M, obs_dim]); noise from action_noise,
+    shaped like the policy's output.
 
-    Discrete: Gumbel-max, argmax(logits / T - log E) with E ~ Exp(1). Continuous: mean + T * std * N(0, 1).
+    Discrete: Gumbel-max, argmax(logits / T + Gumbel noise). Continuous: mean + T * std * N(0, 1).
     Temperature 0 gives the greedy action (argmax of logits / the mean).
     """
     out = mlp(params, "pi", trunk(params, obs))
     if "pi.log_std" in params:
         if temperature == 0.0:
             return out
-        noise = torch.randn(out.shape, generator=generator, device=out.device)
         return out + temperature * params["pi.log_std"].exp().unsqueeze(-2) * noise
     if temperature == 0.0:
         return out.argmax(-1)
     if temperature != 1.0:
         out = out / temperature
-    return (out - torch.empty_like(out).exponential_(generator=generator).log()).argmax(-1)
+    return (out + noise).argmax(-1)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -334,7 +341,9 @@ def compute_advantages(
 
 
 class Batch(NamedTuple):
-    """One rollout of T = num_steps steps on N envs."""
+    """One rollout of T = num_steps steps on N envs.
+    Collected for A agents at once, each field has an agent dimension after the time dimension, [T, A, N, ...];
+    update() sees one agent's [T, N, ...] (vmap)."""
 
     obs: torch.Tensor  # [T + 1, N, obs_dim]: obs[t + 1] after a done at t is the episode's final observation
     actions: torch.Tensor  # [T, N] (discrete) or [T, N, action_dim] (continuous, unclipped)
@@ -467,6 +476,7 @@ class Rollout:
         space = envs.single_action_space
         self.continuous = isinstance(space, gym.spaces.Box)
         self.low, self.high = (space.low, space.high) if self.continuous else (None, None)
+        self.action_dim = space.shape[0] if self.continuous else int(space.n)  # the policy's output size
         n, obs_shape = envs.num_envs, envs.single_observation_space.shape
         # numpy buffers: writing a step into them costs ~1 us, a torch indexed copy several
         self.obs = np.zeros((num_steps + 1, n, *obs_shape), dtype=np.float32)
@@ -488,11 +498,13 @@ class Rollout:
         valid = np.zeros((num_steps, n), dtype=np.float32)
         obs, previous_done = self.next_obs, self.previous_done
         episode_return, episode_length = self.episode_return, self.episode_length
-        with torch.no_grad():
+        with torch.inference_mode():  # cheaper per op than no_grad; nothing here enters a gradient
+            noise = action_noise((num_steps, num_agents, n // num_agents, self.action_dim), self.continuous,
+                                 generator, self.device)
             for t in range(num_steps):
                 self.obs[t] = obs
                 obs_t = torch.from_numpy(self.obs[t]).to(self.device).view(num_agents, n // num_agents, -1)
-                action = sample_action(params, obs_t, generator).view(n, *self.actions.shape[2:]).cpu().numpy()
+                action = sample_action(params, obs_t, noise[t]).view(n, *self.actions.shape[2:]).cpu().numpy()
                 self.actions[t] = action
                 if self.continuous:
                     action = np.clip(action, self.low, self.high)
@@ -521,14 +533,17 @@ def evaluate(args: Args, params: dict[str, torch.Tensor], seed: int, device: tor
     envs = make_env(args.env_id, num_agents * args.eval_episodes)
     generator = torch.Generator(device=device).manual_seed(seed)
     space = envs.single_action_space
+    continuous = isinstance(space, gym.spaces.Box)
     obs, _ = envs.reset(seed=seed)
     returns, finished = np.zeros(envs.num_envs), np.zeros(envs.num_envs, dtype=bool)
     while not finished.all():
         obs_t = torch.as_tensor(obs, dtype=torch.float32, device=device).view(num_agents, args.eval_episodes, -1)
-        with torch.no_grad():
-            action = sample_action(params, obs_t, generator, args.eval_temperature)
+        with torch.inference_mode():
+            out_shape = (num_agents, args.eval_episodes, space.shape[0] if continuous else int(space.n))
+            action = sample_action(params, obs_t, action_noise(out_shape, continuous, generator, device),
+                                   args.eval_temperature)
         action = action.view(envs.num_envs, *space.shape).cpu().numpy()
-        if isinstance(space, gym.spaces.Box):
+        if continuous:
             action = np.clip(action, space.low, space.high)
         obs, reward, terminated, truncated, _ = envs.step(action)
         returns += np.where(finished, 0.0, reward)  # each env's first episode only
@@ -548,12 +563,15 @@ def record_video(
                                        episode_trigger=lambda _: True, name_prefix=name, disable_logger=True)
     generator = torch.Generator(device=device).manual_seed(seed)
     obs, _ = env.reset(seed=seed)
+    continuous = isinstance(env.action_space, gym.spaces.Box)
+    out_shape = (1, env.action_space.shape[0] if continuous else int(env.action_space.n))
     done = False
     while not done:
-        with torch.no_grad():
-            action = sample_action(params, torch.as_tensor(obs, dtype=torch.float32, device=device)[None], generator,
+        with torch.inference_mode():
+            action = sample_action(params, torch.as_tensor(obs, dtype=torch.float32, device=device)[None],
+                                   action_noise(out_shape, continuous, generator, device),
                                    args.eval_temperature)[0].cpu().numpy()
-        if isinstance(env.action_space, gym.spaces.Box):
+        if continuous:
             action = np.clip(action, env.action_space.low, env.action_space.high)
         obs, _, terminated, truncated, _ = env.step(action)
         done = terminated or truncated
@@ -637,9 +655,10 @@ def unused_path(path: str) -> str:
     return candidate
 
 
-def trim_csv(path: str, max_step: int) -> None:
-    """Keep the header and the complete rows up to the checkpoint's step: rows logged after it will be logged
-    again, and a run killed mid-write may have left a partial last line."""
+def trim_csv(path: str, max_steps: dict[tuple[str, ...], int]) -> None:
+    """Keep the header and, of each agent (keyed by its tag columns: seed, and the grid's hyperparameters), the
+    complete rows up to its step in the checkpoint: rows logged after it will be logged again, and a run killed
+    mid-write may have left a partial last line."""
     if not os.path.exists(path):
         return
     with open(path, newline="") as f:
@@ -651,7 +670,9 @@ def trim_csv(path: str, max_step: int) -> None:
     if not rows:
         return os.remove(path)
     header = rows[0]
-    kept = [header] + [r for r in rows[1:] if len(r) == len(header) and r[1].isdigit() and int(r[1]) <= max_step]
+    tag = lambda r: (r[0], *r[len(header) - len(GRID_COLUMNS):]) if header[-1] == GRID_COLUMNS[-1] else (r[0],)  # noqa: E731
+    kept = [header] + [r for r in rows[1:] if len(r) == len(header) and r[1].isdigit()
+                       and int(r[1]) <= max_steps.get(tag(r), -1)]
     with open(path + ".tmp", "w", newline="") as f:
         csv.writer(f).writerows(kept)
     os.replace(path + ".tmp", path)
@@ -661,13 +682,16 @@ class Logger:
     """CSV files of DESIGN.md section 4 (one row per agent: its seed, and its hyperparameters when a run trains a
     grid of them), optional TensorBoard (one writer per agent), and the live progress line."""
 
-    def __init__(self, args: Args, run_dir: str, resume_step: Optional[int], agents: list[dict]):
+    def __init__(self, args: Args, run_dir: str, resume_steps: Optional[list[int]], agents: list[dict]):
+        """resume_steps: each agent's global_step in the checkpoint being resumed (None for a new run)."""
         self.args, self.run_dir, self.agents, self.files, self.writers = args, run_dir, agents, {}, {}
         self.grid = len(args.learning_rate) > 1 or len(args.ent_coef) > 1
+        # each agent's tag columns as written: its seed, and its hyperparameters if the run is a grid
+        self.tags = [[a["seed"], *([a[k] for k in GRID_COLUMNS] if self.grid else [])] for a in agents]
         for name, columns in CSV_COLUMNS.items():
             path = os.path.join(run_dir, name)
-            if resume_step is not None:
-                trim_csv(path, resume_step)
+            if resume_steps is not None:
+                trim_csv(path, {tuple(self.format(tag)): step for tag, step in zip(self.tags, resume_steps)})
             new = not os.path.exists(path)
             self.files[name] = open(path, "a", newline="")
             self.writers[name] = csv.writer(self.files[name])
@@ -683,11 +707,14 @@ class Logger:
         self.last_print, self.last_printed_step = 0.0, None
         self.interactive = sys.stdout.isatty()
 
+    @staticmethod
+    def format(values: list) -> list:
+        return [f"{v:.6g}" if isinstance(v, float) else str(v) for v in values]
+
     def row(self, name: str, agent: int, values: list) -> None:
         """One row of agent number `agent`: its seed, the values, and its hyperparameters if the run is a grid."""
-        a = self.agents[agent]
-        tail = [a[k] for k in GRID_COLUMNS] if self.grid else []
-        self.writers[name].writerow([a["seed"], *(f"{v:.6g}" if isinstance(v, float) else v for v in values + tail)])
+        tag = self.tags[agent]
+        self.writers[name].writerow(self.format([tag[0], *values, *tag[1:]]))
 
     def scalar(self, tag: str, agent: int, value: float, step: int) -> None:
         if self.tb:
@@ -734,7 +761,7 @@ def train(args: Args) -> dict:
     "agents": {"seed", "learning_rate", "ent_coef"}, "params": the final parameter dict,
     "episodes": {"global_step": [...], "return": [...], "length": [...]} of the finished training episodes,
     "evaluations": [(global_step, mean_return, std_return), ...], "recent_returns": the last 100 returns.
-    "global_step" counts the env steps of one agent (every agent takes the same number).
+    "global_step": the env steps each agent took (all the same here: every rollout has num_steps per env).
     """
     torch.set_num_threads(args.num_threads)
     importlib.import_module("torch._dynamo")  # torch.func imports it on first use (~1 s): part of setup, not training
@@ -773,7 +800,7 @@ def train(args: Args) -> dict:
     with open(os.path.join(run_dir, "config.json"), "w") as f:
         json.dump({**dataclasses.asdict(args), "algorithm": ALGORITHM, "run_dir": run_dir, "agents": agents,
                    "funcpg": FUNCPG_VERSION, "torch": torch.__version__, "gymnasium": gym.__version__}, f, indent=2)
-    logger = Logger(args, run_dir, global_step if checkpoint else None, agents)
+    logger = Logger(args, run_dir, [global_step] * num_agents if checkpoint else None, agents)
     checkpoint_path = os.path.join(run_dir, "checkpoint.pt")
 
     rollout = Rollout(envs, num_agents, args.num_steps, device, derived_seed(args.seed, 0, num_updates))
@@ -868,7 +895,7 @@ def train(args: Args) -> dict:
     # after Ctrl-C, the run is what the checkpoint holds: the interrupted batch is not part of it
     return {"agents": agents, "episodes": episodes, "evaluations": evaluations,
             "params": [agent_slice(last_good["params"], i) for i in range(num_agents)], "run_dir": run_dir,
-            "global_step": last_good["global_step"], "recent_returns": last_good["recent_returns"],
+            "global_step": [last_good["global_step"]] * num_agents, "recent_returns": last_good["recent_returns"],
             "interrupted": interrupted}
 
 
@@ -1009,7 +1036,7 @@ def main() -> None:
         else:
             summary = (f"{len(means)} agents, mean return of each one's last 100 episodes: mean {np.mean(means):.1f}, "
                        f"min {np.min(means):.1f}, max {np.max(means):.1f}")
-        print(f"{status}: {result['global_step']:,} steps, {summary}; run directory: {result['run_dir']}")
+        print(f"{status}: {min(result['global_step']):,} steps, {summary}; run directory: {result['run_dir']}")
     if result["interrupted"]:
         sys.exit(130)
 

@@ -23,6 +23,11 @@ to finish is still logged). Thus no step enters the gradient with a return cut s
 the data is always on-policy. The buffer has a fixed shape [capacity, num_envs] (capacity = num_steps +
 the env's time limit), so the compiled update sees one shape for the whole run.
 
+Many agents in one process: --num-seeds K trains K independent agents (seeds seed .. seed+K-1), and several
+--learning-rate / --ent-coef values train the grid (values x seeds). Their parameters and Adam states are
+stacked along a leading agent dimension, the update is torch.func.vmap-ed over it, and one vector env of
+agents x num_envs environments collects every agent's batch at once.
+
 Run: python reinforce_baseline.py --env-id CartPole-v1     (python reinforce_baseline.py --help for every flag)
 """
 
@@ -50,7 +55,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import tyro
-from torch.func import grad_and_value
+from torch.func import grad_and_value, vmap
 
 FUNCPG_VERSION = "0.1.0"
 ALGORITHM = "reinforce_baseline"
@@ -66,6 +71,8 @@ class Args:
     """the gymnasium environment id; a third-party env as `module:EnvId`"""
     seed: int = 1
     """seed of the parameters, the environments and the action noise"""
+    num_seeds: int = 1
+    """independent agents trained in one process (vmapped), with seeds seed, seed+1, ..., seed+num_seeds-1"""
     total_timesteps: int = 500_000
     """environment steps to train for (the run stops at the first batch boundary at or after it)"""
     target_return: Optional[float] = None
@@ -100,8 +107,8 @@ class Args:
     """parallel environments (a vector env) collecting each batch"""
     num_steps: int = 64
     """minimum steps per environment in a batch; each env then finishes its current episode"""
-    learning_rate: float = 0.005
-    """Adam step size of the policy"""
+    learning_rate: tuple[float, ...] = (0.005,)
+    """Adam step size of the policy; several values train one agent per value and seed"""
     baseline: Literal["value", "batch-mean"] = "value"
     """b(s): a learned state value V(s) (regressed on the returns), or the batch mean of the returns"""
     value_learning_rate: float = 0.01
@@ -112,8 +119,8 @@ class Args:
     """weight of log pi(a_t|s_t): the return from t on, or the whole episode's return G_0"""
     normalize_advantages: bool = True
     """standardize the advantages G - b(s) over the batch (mean 0, std 1) before the policy loss"""
-    ent_coef: float = 0.0
-    """weight of the entropy bonus"""
+    ent_coef: tuple[float, ...] = (0.0,)
+    """weight of the entropy bonus; several values train one agent per value (and learning rate and seed)"""
     max_grad_norm: float = 1.0
     """clip the global gradient norm of each network (policy, value) to this value (inf = no clipping)"""
     hidden_sizes: tuple[int, ...] = (64, 64)
@@ -188,13 +195,42 @@ def init_params(
     return params
 
 
+def agent_grid(args: Args) -> list[dict]:
+    """One entry {"seed", "learning_rate", "ent_coef"} per agent: every learning rate x every entropy coefficient x
+    every seed, seeds varying fastest. Agents that differ only in hyperparameters start from the same parameters."""
+    return [{"seed": args.seed + i, "learning_rate": lr, "ent_coef": ent_coef}
+            for lr in args.learning_rate for ent_coef in args.ent_coef for i in range(args.num_seeds)]
+
+
+def stack_agents(trees: list):
+    """Stack per-agent dicts of tensors (nested dicts too) along a new leading agent dimension."""
+    if isinstance(trees[0], dict):
+        return {k: stack_agents([t[k] for t in trees]) for k in trees[0]}
+    return torch.stack(trees)
+
+
+def agent_slice(tree, i: int):
+    """Agent i's entries of a stacked (nested) dict of tensors."""
+    return {k: agent_slice(v, i) for k, v in tree.items()} if isinstance(tree, dict) else tree[i]
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """x W^T + b. For one agent (as inside vmap) this is F.linear. Called on stacked parameters (weight
+    [A, out, in], bias [A, out]) with x [A, M, in], it is one batched matmul over the agents: the acting loop
+    uses this, because an eager vmap of the policy costs ~5x more per env step (see the README)."""
+    if weight.dim() == 3:
+        return torch.baddbmm(bias.unsqueeze(1), x, weight.transpose(1, 2))
+    return F.linear(x, weight, bias)
+
+
 def mlp(params: dict[str, torch.Tensor], prefix: str, x: torch.Tensor) -> torch.Tensor:
-    """The tanh MLP whose layers are params[f"{prefix}.{i}.weight" / ".bias"], i = 0, 1, ..."""
+    """The tanh MLP whose layers are params[f"{prefix}.{i}.weight" / ".bias"], i = 0, 1, ... (one agent's params
+    and x [..., in], or stacked params and x [A, M, in])."""
     i = 0
     while f"{prefix}.{i + 1}.weight" in params:
-        x = torch.tanh(F.linear(x, params[f"{prefix}.{i}.weight"], params[f"{prefix}.{i}.bias"]))
+        x = torch.tanh(linear(x, params[f"{prefix}.{i}.weight"], params[f"{prefix}.{i}.bias"]))
         i += 1
-    return F.linear(x, params[f"{prefix}.{i}.weight"], params[f"{prefix}.{i}.bias"])
+    return linear(x, params[f"{prefix}.{i}.weight"], params[f"{prefix}.{i}.bias"])
 
 
 def value(params: dict[str, torch.Tensor], obs: torch.Tensor) -> torch.Tensor:
@@ -224,25 +260,34 @@ def log_prob_entropy(
     return log_prob, entropy
 
 
-def sample_action(
-    params: dict[str, torch.Tensor], obs: torch.Tensor, generator: torch.Generator, temperature: float = 1.0
-) -> torch.Tensor:
-    """Draw a ~ pi(.|obs) with plain tensor ops (no torch.distributions in the per-step loop).
+def action_noise(shape: tuple[int, ...], continuous: bool, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+    """The randomness of sample_action, drawn in one call (for a whole rollout at once in training): N(0, 1) per
+    action dimension (continuous), or Gumbel noise -log E with E ~ Exp(1) per action (discrete)."""
+    if continuous:
+        return torch.randn(shape, generator=generator, device=device)
+    return torch.empty(shape, device=device).exponential_(generator=generator).log_().neg_()
 
-    Discrete: Gumbel-max, argmax(logits / T - log E) with E ~ Exp(1). Continuous: mean + T * std * N(0, 1).
+
+def sample_action(
+    params: dict[str, torch.Tensor], obs: torch.Tensor, noise: torch.Tensor, temperature: float = 1.0
+) -> torch.Tensor:
+    """Draw a ~ pi(.|obs) with plain tensor ops (no torch.distributions in the per-step loop), for one agent
+    (obs [M, obs_dim]) or for all agents at once (stacked params, obs [A, M, obs_dim]); noise from action_noise,
+    shaped like the policy's output.
+
+    Discrete: Gumbel-max, argmax(logits / T + Gumbel noise). Continuous: mean + T * std * N(0, 1).
     Temperature 0 gives the greedy action (argmax of logits / the mean).
     """
     out = mlp(params, "pi", obs)
     if "pi.log_std" in params:
         if temperature == 0.0:
             return out
-        noise = torch.randn(out.shape, generator=generator, device=out.device)
-        return out + temperature * params["pi.log_std"].exp() * noise
+        return out + temperature * params["pi.log_std"].exp().unsqueeze(-2) * noise
     if temperature == 0.0:
         return out.argmax(-1)
     if temperature != 1.0:
         out = out / temperature
-    return (out - torch.empty_like(out).exponential_(generator=generator).log()).argmax(-1)
+    return (out + noise).argmax(-1)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -294,7 +339,9 @@ def compute_returns(
 
 class Batch(NamedTuple):
     """One batch of experience, every field [T, N, ...]: T = the steps the batch took, or under --compile the
-    buffer capacity with zero rows past the end (one shape for the whole run)."""
+    buffer capacity with zero rows past the end (one shape for the whole run).
+    Collected for A agents at once, each field has an agent dimension after the time dimension, [T, A, N, ...];
+    update() sees one agent's [T, N, ...] (vmap)."""
 
     obs: torch.Tensor  # [T + 1, N, obs_dim]: obs[t + 1] after a done at t is the episode's final observation
     actions: torch.Tensor  # [T, N] (discrete) or [T, N, action_dim] (continuous, unclipped)
@@ -342,7 +389,7 @@ def adam_step(
     params: dict[str, torch.Tensor],
     grads: dict[str, torch.Tensor],
     state: dict,
-    lr: dict[str, float],
+    lr: dict[str, float | torch.Tensor],
     betas: tuple[float, float] = (0.9, 0.999),
     eps: float = 1e-8,
 ) -> tuple[dict[str, torch.Tensor], dict]:
@@ -369,13 +416,16 @@ def clip_grad_norm(grads: dict[str, torch.Tensor], max_norm: float) -> tuple[dic
 
 
 def make_update(args: Args):
-    """The whole learning step as one pure function (params, opt_state, batch) -> (params, opt_state, metrics).
+    """The learning step of every agent as one pure function (params, opt_state, batch, hyper) -> (params,
+    opt_state, metrics) over stacked agents: parameters and Adam states [A, ...], batch [T, A, N, ...],
+    hyper {"learning_rate", "ent_coef"} [A]; every metric [A].
 
-    This is what --compile hands to torch.compile: values, returns scan, advantages, loss, gradient, clipping
-    and Adam in one graph. Its inputs have the same shapes every batch, so it compiles once per run.
+    update() below is one agent's step: values, returns scan, advantages, loss, gradient, clipping and Adam.
+    torch.func.vmap maps it over the agents, so no agent sees another's data; --compile hands the vmapped step to
+    torch.compile as one graph. Its inputs have the same shapes every batch, so it compiles once per run.
     """
 
-    def update(params: dict[str, torch.Tensor], opt_state: dict, batch: Batch):
+    def update(params: dict[str, torch.Tensor], opt_state: dict, batch: Batch, hyper: dict[str, torch.Tensor]):
         rewards = batch.rewards
         if args.baseline == "value":
             values = value(params, batch.obs).detach()  # a constant for both losses: no gradient through it
@@ -389,7 +439,7 @@ def make_update(args: Args):
         if args.normalize_advantages:
             advantages = normalize(advantages, batch.valid)
         grads, (loss, (pg_loss, value_loss, entropy)) = grad_and_value(loss_fn, has_aux=True)(
-            params, batch, returns, advantages, args.ent_coef
+            params, batch, returns, advantages, hyper["ent_coef"]
         )
         # clip each network's gradient on its own, as two optimizers would
         policy_grads, grad_norm = clip_grad_norm({k: g for k, g in grads.items() if k.startswith("pi.")},
@@ -397,7 +447,7 @@ def make_update(args: Args):
         value_grads = {k: g for k, g in grads.items() if k.startswith("v.")}
         if value_grads:
             value_grads, _ = clip_grad_norm(value_grads, args.max_grad_norm)
-        lr = {k: args.value_learning_rate if k.startswith("v.") else args.learning_rate for k in params}
+        lr = {k: args.value_learning_rate if k.startswith("v.") else hyper["learning_rate"] for k in params}
         params, opt_state = adam_step(params, {**policy_grads, **value_grads}, opt_state, lr)
         finite = torch.stack([torch.isfinite(loss), torch.isfinite(grad_norm)]
                              + [torch.isfinite(p).all() for p in params.values()]).all()
@@ -405,7 +455,19 @@ def make_update(args: Args):
                    "grad_norm": grad_norm, "finite": finite}
         return params, opt_state, metrics
 
-    return torch.compile(update, fullgraph=True) if args.compile else update
+    batched = vmap(update, in_dims=(0, 0, 1, 0))  # the batch's agent dimension is dim 1: [T, A, N, ...]
+    if args.compile:
+        return torch.compile(batched, fullgraph=True)
+    if len(agent_grid(args)) > 1:
+        return batched
+
+    def one_agent(params: dict[str, torch.Tensor], opt_state: dict, batch: Batch, hyper: dict[str, torch.Tensor]):
+        """The same step for a lone agent without vmap, whose eager dispatch costs ~2 ms per update here."""
+        params, opt_state, metrics = update(agent_slice(params, 0), agent_slice(opt_state, 0),
+                                            Batch(*(x[:, 0] for x in batch)), agent_slice(hyper, 0))
+        return stack_agents([params]), stack_agents([opt_state]), stack_agents([metrics])
+
+    return one_agent
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -414,59 +476,71 @@ def make_update(args: Args):
 
 
 class Rollout:
-    """Fixed-size buffers [capacity, num_envs, ...] and the loop that fills them with one batch of episodes."""
+    """One vector env for all agents (agent a's sub-envs are a * N .. a * N + N - 1), fixed-size buffers
+    [capacity, A * N, ...], and the loop that fills them with one batch of episodes of every agent."""
 
-    def __init__(self, envs: gym.vector.VectorEnv, num_steps: int, device: torch.device, fixed_shape: bool = False):
+    def __init__(self, envs: gym.vector.VectorEnv, num_agents: int, num_steps: int, device: torch.device,
+                 fixed_shape: bool = False):
         """fixed_shape: batches keep every buffer row (one shape for the compiled update) instead of the rows used."""
-        self.envs, self.num_steps, self.device, self.fixed_shape = envs, num_steps, device, fixed_shape
+        self.envs, self.num_agents, self.num_steps, self.device = envs, num_agents, num_steps, device
+        self.fixed_shape = fixed_shape
         space = envs.single_action_space
         self.continuous = isinstance(space, gym.spaces.Box)
         self.low, self.high = (space.low, space.high) if self.continuous else (None, None)
+        self.action_dim = space.shape[0] if self.continuous else int(space.n)  # the policy's output size
         time_limit = envs.spec.max_episode_steps if envs.spec is not None else None
         # an episode still running at step num_steps - 1 ends at the latest time_limit steps later
-        self.capacity = num_steps + (time_limit or num_steps)
-        self._allocate(self.capacity)
+        self._allocate(num_steps + (time_limit or num_steps))
 
     def _allocate(self, capacity: int) -> None:
+        """numpy buffers: writing a step into them costs ~1 us, a torch indexed copy several."""
         n, obs_shape = self.envs.num_envs, self.envs.single_observation_space.shape
         action_shape = self.envs.single_action_space.shape if self.continuous else ()
-        self.obs = torch.zeros((capacity + 1, n, *obs_shape), device=self.device)
-        self.actions = torch.zeros((capacity, n, *action_shape), device=self.device)
+        self.obs = np.zeros((capacity + 1, n, *obs_shape), dtype=np.float32)
+        self.actions = np.zeros((capacity, n, *action_shape), dtype=np.float32)
         self.capacity = capacity
 
-    def collect(self, params: dict[str, torch.Tensor], generator: torch.Generator, seed: int, on_episode) -> tuple[Batch, int]:
+    def collect(self, params: dict[str, torch.Tensor], generator: torch.Generator, seed: int, on_episode
+                ) -> tuple[Batch, np.ndarray]:
         """Reset the envs with `seed` and run them until each has >= num_steps steps and has ended an episode.
 
-        on_episode(t, return, length) is called for every finished episode (t = steps per env so far).
-        Returns the batch ([t, N, ...], or [capacity, N, ...] zero-padded if fixed_shape) and t, the steps per env.
-        The batch's obs and actions are views of this Rollout's buffers: the next collect overwrites them.
+        An agent's batch lasts until all of its envs are done; its envs then step on (masked) while other agents'
+        batches run, but those steps are neither counted nor logged, so each agent's data and step count are those
+        of a run of its own. on_episode(t, env, return, length) is called for every episode an agent's batch
+        finishes (t = steps per env so far; env = sub-env index, of agent env // N). Returns the batch
+        ([t, A, N, ...], or [capacity, A, N, ...] zero-padded if fixed_shape) and each agent's steps per env [A].
+        The batch's tensors share memory with this Rollout's buffers: the next collect overwrites them.
         """
-        n = self.envs.num_envs
+        n, num_agents = self.envs.num_envs, self.num_agents
         rewards = np.zeros((self.capacity, n), dtype=np.float32)
         dones = np.zeros((self.capacity, n), dtype=np.float32)
         truncs = np.zeros((self.capacity, n), dtype=np.float32)
         valid = np.zeros((self.capacity, n), dtype=np.float32)
         active = np.ones(n, dtype=bool)  # this env's steps still belong to the batch
+        collecting = np.ones(num_agents, dtype=bool)  # some env of this agent is active
+        steps = np.zeros(num_agents, dtype=np.int64)
         previous_done = np.zeros(n, dtype=bool)
         episode_return, episode_length = np.zeros(n), np.zeros(n, dtype=np.int64)
         obs, _ = self.envs.reset(seed=seed)
         t = 0
-        with torch.no_grad():
-            while active.any():
+        with torch.inference_mode():  # cheaper per op than no_grad; nothing here enters a gradient
+            noise = action_noise((self.capacity, num_agents, n // num_agents, self.action_dim), self.continuous,
+                                 generator, self.device)
+            while collecting.any():
                 if t == self.capacity:  # env without a time limit ran past the buffer: grow it (the update recompiles)
                     old = (self.obs, self.actions)
                     self._allocate(2 * self.capacity)
                     self.obs[: t + 1], self.actions[:t] = old[0][: t + 1], old[1][:t]
                     rewards, dones, truncs, valid = (np.concatenate([b, np.zeros_like(b)])
                                                      for b in (rewards, dones, truncs, valid))
-                obs_t = torch.as_tensor(obs, dtype=torch.float32, device=self.device)
-                action = sample_action(params, obs_t, generator)
-                self.obs[t] = obs_t
+                    noise = torch.cat([noise, action_noise(noise.shape, self.continuous, generator, self.device)])
+                self.obs[t] = obs
+                obs_t = torch.from_numpy(self.obs[t]).to(self.device).view(num_agents, n // num_agents, -1)
+                action = sample_action(params, obs_t, noise[t]).view(n, *self.actions.shape[2:]).cpu().numpy()
                 self.actions[t] = action
-                action_np = action.cpu().numpy()
                 if self.continuous:
-                    action_np = np.clip(action_np, self.low, self.high)
-                obs, reward, terminated, truncated, _ = self.envs.step(action_np)
+                    action = np.clip(action, self.low, self.high)
+                obs, reward, terminated, truncated, _ = self.envs.step(action)
                 done = terminated | truncated
                 # the step after a done only resets its env (NEXT_STEP autoreset): never learn from it, nor count it
                 valid[t] = active & ~previous_done
@@ -476,55 +550,68 @@ class Rollout:
                 episode_length += ~previous_done
                 previous_done = done
                 t += 1
+                steps += collecting  # this step is part of the batch of every agent still collecting
                 if done.any():
-                    for i in np.flatnonzero(done):
-                        on_episode(t, float(episode_return[i]), int(episode_length[i]))
+                    for i in np.flatnonzero(done & np.repeat(collecting, n // num_agents)):
+                        on_episode(t, int(i), float(episode_return[i]), int(episode_length[i]))
                     episode_return[done], episode_length[done] = 0.0, 0
-        self.obs[t] = torch.as_tensor(obs, dtype=torch.float32, device=self.device)  # final obs of the last episodes
+                collecting = active.reshape(num_agents, -1).any(1)
+        self.obs[t] = obs  # final obs of the last episodes
         rows = self.capacity if self.fixed_shape else t
         if self.fixed_shape:  # the padding rows the compiled update sees (masked, but kept at 0)
             self.obs[t + 1:] = 0
             self.actions[t:] = 0
-        data = (torch.from_numpy(x[:rows]).to(self.device) for x in (rewards, dones, truncs, valid))
-        return Batch(self.obs[: rows + 1], self.actions[:rows], *data), t
+        per_agent = lambda x, r: torch.from_numpy(x[:r]).to(self.device).view(r, num_agents, -1, *x.shape[2:])  # noqa: E731
+        data = (per_agent(x, rows) for x in (self.actions, rewards, dones, truncs, valid))
+        return Batch(per_agent(self.obs, rows + 1), *data), steps
 
 
 def evaluate(args: Args, params: dict[str, torch.Tensor], seed: int, device: torch.device) -> np.ndarray:
-    """Returns of args.eval_episodes episodes (one per env of a separate vector env) at args.eval_temperature."""
-    envs = make_env(args.env_id, args.eval_episodes)
+    """Returns [A, eval_episodes]: each agent's (params stacked [A, ...]) first episode on each of its
+    args.eval_episodes envs of a separate vector env, at args.eval_temperature."""
+    num_agents = next(iter(params.values())).shape[0]
+    envs = make_env(args.env_id, num_agents * args.eval_episodes)
     generator = torch.Generator(device=device).manual_seed(seed)
     space = envs.single_action_space
+    continuous = isinstance(space, gym.spaces.Box)
     obs, _ = envs.reset(seed=seed)
-    returns, finished = np.zeros(args.eval_episodes), np.zeros(args.eval_episodes, dtype=bool)
+    returns, finished = np.zeros(envs.num_envs), np.zeros(envs.num_envs, dtype=bool)
     while not finished.all():
-        with torch.no_grad():
-            action = sample_action(params, torch.as_tensor(obs, dtype=torch.float32, device=device), generator,
-                                   args.eval_temperature).cpu().numpy()
-        if isinstance(space, gym.spaces.Box):
+        obs_t = torch.as_tensor(obs, dtype=torch.float32, device=device).view(num_agents, args.eval_episodes, -1)
+        with torch.inference_mode():
+            out_shape = (num_agents, args.eval_episodes, space.shape[0] if continuous else int(space.n))
+            action = sample_action(params, obs_t, action_noise(out_shape, continuous, generator, device),
+                                   args.eval_temperature)
+        action = action.view(envs.num_envs, *space.shape).cpu().numpy()
+        if continuous:
             action = np.clip(action, space.low, space.high)
         obs, reward, terminated, truncated, _ = envs.step(action)
         returns += np.where(finished, 0.0, reward)  # each env's first episode only
         finished |= terminated | truncated
     envs.close()
-    return returns
+    return returns.reshape(num_agents, args.eval_episodes)
 
 
 def record_video(
     args: Args, params: dict[str, torch.Tensor], seed: int, device: torch.device, video_dir: str, name: str
 ) -> None:
-    """One evaluation episode rendered to video_dir/{name}-episode-0.mp4 (gymnasium's RecordVideo; needs moviepy)."""
+    """One evaluation episode of one agent (its own, unstacked params) rendered to video_dir/{name}-episode-0.mp4
+    (gymnasium's RecordVideo; needs moviepy)."""
     with warnings.catch_warnings():  # RecordVideo warns whenever the folder already exists
         warnings.simplefilter("ignore")
         env = gym.wrappers.RecordVideo(gym.make(args.env_id, render_mode="rgb_array"), video_dir,
                                        episode_trigger=lambda _: True, name_prefix=name, disable_logger=True)
     generator = torch.Generator(device=device).manual_seed(seed)
     obs, _ = env.reset(seed=seed)
+    continuous = isinstance(env.action_space, gym.spaces.Box)
+    out_shape = (1, env.action_space.shape[0] if continuous else int(env.action_space.n))
     done = False
     while not done:
-        with torch.no_grad():
-            action = sample_action(params, torch.as_tensor(obs, dtype=torch.float32, device=device)[None], generator,
+        with torch.inference_mode():
+            action = sample_action(params, torch.as_tensor(obs, dtype=torch.float32, device=device)[None],
+                                   action_noise(out_shape, continuous, generator, device),
                                    args.eval_temperature)[0].cpu().numpy()
-        if isinstance(env.action_space, gym.spaces.Box):
+        if continuous:
             action = np.clip(action, env.action_space.low, env.action_space.high)
         obs, _, terminated, truncated, _ = env.step(action)
         done = terminated or truncated
@@ -542,8 +629,9 @@ CSV_COLUMNS = {
 }
 
 
-CHECKPOINT_KEYS = {"algorithm", "env_id", "args", "params", "opt_state", "global_step", "num_updates", "wall_time",
-                   "recent_returns", "rng_state"}
+GRID_COLUMNS = ["learning_rate", "ent_coef"]  # appended to every CSV when a run trains several values of either
+CHECKPOINT_KEYS = {"algorithm", "env_id", "args", "agents", "params", "opt_state", "global_step", "num_updates",
+                   "wall_time", "recent_returns", "rng_state"}
 
 
 class NonFiniteLoss(RuntimeError):
@@ -607,9 +695,10 @@ def unused_path(path: str) -> str:
     return candidate
 
 
-def trim_csv(path: str, max_step: int) -> None:
-    """Keep the header and the complete rows up to the checkpoint's step: rows logged after it will be logged
-    again, and a run killed mid-write may have left a partial last line."""
+def trim_csv(path: str, max_steps: dict[tuple[str, ...], int]) -> None:
+    """Keep the header and, of each agent (keyed by its tag columns: seed, and the grid's hyperparameters), the
+    complete rows up to its step in the checkpoint: rows logged after it will be logged again, and a run killed
+    mid-write may have left a partial last line."""
     if not os.path.exists(path):
         return
     with open(path, newline="") as f:
@@ -621,46 +710,62 @@ def trim_csv(path: str, max_step: int) -> None:
     if not rows:
         return os.remove(path)
     header = rows[0]
-    kept = [header] + [r for r in rows[1:] if len(r) == len(header) and r[1].isdigit() and int(r[1]) <= max_step]
+    tag = lambda r: (r[0], *r[len(header) - len(GRID_COLUMNS):]) if header[-1] == GRID_COLUMNS[-1] else (r[0],)  # noqa: E731
+    kept = [header] + [r for r in rows[1:] if len(r) == len(header) and r[1].isdigit()
+                       and int(r[1]) <= max_steps.get(tag(r), -1)]
     with open(path + ".tmp", "w", newline="") as f:
         csv.writer(f).writerows(kept)
     os.replace(path + ".tmp", path)
 
 
 class Logger:
-    """CSV files of DESIGN.md section 4, optional TensorBoard, and the live progress line."""
+    """CSV files of DESIGN.md section 4 (one row per agent: its seed, and its hyperparameters when a run trains a
+    grid of them), optional TensorBoard (one writer per agent), and the live progress line."""
 
-    def __init__(self, args: Args, run_dir: str, resume_step: Optional[int]):
-        self.args, self.run_dir, self.files, self.writers = args, run_dir, {}, {}
+    def __init__(self, args: Args, run_dir: str, resume_steps: Optional[list[int]], agents: list[dict]):
+        """resume_steps: each agent's global_step in the checkpoint being resumed (None for a new run)."""
+        self.args, self.run_dir, self.agents, self.files, self.writers = args, run_dir, agents, {}, {}
+        self.grid = len(args.learning_rate) > 1 or len(args.ent_coef) > 1
+        # each agent's tag columns as written: its seed, and its hyperparameters if the run is a grid
+        self.tags = [[a["seed"], *([a[k] for k in GRID_COLUMNS] if self.grid else [])] for a in agents]
         for name, columns in CSV_COLUMNS.items():
             path = os.path.join(run_dir, name)
-            if resume_step is not None:
-                trim_csv(path, resume_step)
+            if resume_steps is not None:
+                trim_csv(path, {tuple(self.format(tag)): step for tag, step in zip(self.tags, resume_steps)})
             new = not os.path.exists(path)
             self.files[name] = open(path, "a", newline="")
             self.writers[name] = csv.writer(self.files[name])
             if new:
-                self.writers[name].writerow(columns)
-        self.tb = None
+                self.writers[name].writerow(columns + (GRID_COLUMNS if self.grid else []))
+        self.tb = []
         if args.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(run_dir)
+            self.tb = [SummaryWriter(run_dir if len(agents) == 1 else os.path.join(
+                run_dir, "tensorboard", "_".join(f"{k}{a[k]:g}" for k in a if k == "seed" or self.grid)))
+                for a in agents]
         self.last_print, self.last_printed_step = 0.0, None
         self.interactive = sys.stdout.isatty()
 
-    def row(self, name: str, values: list) -> None:
-        self.writers[name].writerow([f"{v:.6g}" if isinstance(v, float) else v for v in values])
+    @staticmethod
+    def format(values: list) -> list:
+        return [f"{v:.6g}" if isinstance(v, float) else str(v) for v in values]
 
-    def scalar(self, tag: str, value: float, step: int) -> None:
-        if self.tb is not None:
-            self.tb.add_scalar(tag, value, step)
+    def row(self, name: str, agent: int, values: list) -> None:
+        """One row of agent number `agent`: its seed, the values, and its hyperparameters if the run is a grid."""
+        tag = self.tags[agent]
+        self.writers[name].writerow(self.format([tag[0], *values, *tag[1:]]))
+
+    def scalar(self, tag: str, agent: int, value: float, step: int) -> None:
+        if self.tb:
+            self.tb[agent].add_scalar(tag, value, step)
 
     def flush(self) -> None:
         for f in self.files.values():
             f.flush()
 
-    def progress(self, step: int, recent: deque, sps: float, final: bool = False) -> None:
+    def progress(self, step: int, recent: list[deque], sps: float, final: bool = False) -> None:
+        """step and sps are per agent; the return shown is the mean over agents of their last-100 means."""
         if self.args.quiet:
             return
         now = time.time()
@@ -669,18 +774,20 @@ class Logger:
         if final and step == self.last_printed_step and not self.interactive:
             return
         self.last_print, self.last_printed_step = now, step
-        mean = f"{np.mean(recent):8.1f}" if recent else "     n/a"
+        means = [np.mean(r) for r in recent if r]
+        mean = f"{np.mean(means):8.1f}" if means else "     n/a"
+        which = f"last {len(recent[0])}" if len(recent) == 1 else f"mean of {len(recent)} agents"
+        speed = f"{sps:>7,.0f} steps/s" if len(recent) == 1 else f"{sps * len(recent):>7,.0f} steps/s (all agents)"
         eta = max(self.args.total_timesteps - step, 0) / max(sps, 1e-9)
-        line = (f"step {step:>9,}/{self.args.total_timesteps:,} | return (last {len(recent)}) {mean} | "
-                f"{sps:>7,.0f} steps/s | ETA {eta:5.0f}s")
+        line = f"step {step:>9,}/{self.args.total_timesteps:,} | return ({which}) {mean} | {speed} | ETA {eta:5.0f}s"
         end = "" if self.interactive and not final else "\n"
         print(("\r" if self.interactive else "") + line, end=end, flush=True)
 
     def close(self) -> None:
         for f in self.files.values():
             f.close()
-        if self.tb is not None:
-            self.tb.close()
+        for tb in self.tb:
+            tb.close()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -689,116 +796,140 @@ class Logger:
 
 
 def train(args: Args) -> dict:
-    """The whole run. Returns {"episodes", "evaluations", "params", "recent_returns", "run_dir", "global_step",
-    "interrupted"}; the per-agent entries are lists (one agent per seed):
+    """The whole run. Returns {"agents", "episodes", "evaluations", "params", "recent_returns", "run_dir",
+    "global_step", "interrupted"}; the per-agent entries are lists in the order of agent_grid(args):
+    "agents": {"seed", "learning_rate", "ent_coef"}, "params": the final parameter dict,
     "episodes": {"global_step": [...], "return": [...], "length": [...]} of the finished training episodes,
     "evaluations": [(global_step, mean_return, std_return), ...], "recent_returns": the last 100 returns.
+    "global_step": the env steps each agent took (its batches' lengths differ, so each counts its own).
     """
     torch.set_num_threads(args.num_threads)
     importlib.import_module("torch._dynamo")  # torch.func imports it on first use (~1 s): part of setup, not training
     device = resolve_device(args.device)
     checkpoint = load_checkpoint(args.resume, device) if args.resume else None
-    envs = make_env(args.env_id, args.num_envs)
+    agents = agent_grid(args)
+    num_agents = len(agents)
+    envs = make_env(args.env_id, num_agents * args.num_envs)
     check_env(args.env_id, envs)
     continuous = isinstance(envs.single_action_space, gym.spaces.Box)
     obs_dim = envs.single_observation_space.shape[0]
     action_dim = envs.single_action_space.shape[0] if continuous else int(envs.single_action_space.n)
 
-    # --- state: parameters, optimizer, counters, RNG ---
+    # --- state: parameters and optimizer stacked over the agents [A, ...], counters, RNG ---
     generator = torch.Generator(device=device).manual_seed(args.seed)
+    hyper = {"learning_rate": torch.tensor([a["learning_rate"] for a in agents], dtype=torch.float64, device=device),
+             "ent_coef": torch.tensor([a["ent_coef"] for a in agents], device=device)}
     if checkpoint is None:
-        params = init_params(obs_dim, action_dim, tuple(args.hidden_sizes), continuous,
-                             torch.Generator().manual_seed(args.seed), value=args.baseline == "value")
+        # agent i starts from exactly the parameters a one-agent run with its seed starts from
+        params = stack_agents([init_params(obs_dim, action_dim, tuple(args.hidden_sizes), continuous,
+                                           torch.Generator().manual_seed(a["seed"]), value=args.baseline == "value")
+                           for a in agents])
         params = {k: v.to(device) for k, v in params.items()}
-        opt_state = adam_init(params)
-        global_step, num_updates, wall_offset, recent = 0, 0, 0.0, deque(maxlen=100)
+        opt_state = stack_agents([adam_init(agent_slice(params, i)) for i in range(num_agents)])
+        global_step, num_updates, wall_offset = np.zeros(num_agents, dtype=np.int64), 0, 0.0
+        recent = [deque(maxlen=100) for _ in agents]
         run_dir = args.run_dir or unused_path(os.path.join(
             "runs", f"{args.env_id.replace('/', '-').replace(':', '-')}__{args.exp_name}__{args.seed}__{int(time.time())}"))
     else:
         params, opt_state = checkpoint["params"], checkpoint["opt_state"]
-        global_step, num_updates = checkpoint["global_step"], checkpoint["num_updates"]
-        wall_offset, recent = checkpoint["wall_time"], deque(checkpoint["recent_returns"], maxlen=100)
+        global_step, num_updates = np.array(checkpoint["global_step"]), checkpoint["num_updates"]
+        wall_offset = checkpoint["wall_time"]
+        recent = [deque(r, maxlen=100) for r in checkpoint["recent_returns"]]
         generator.set_state(checkpoint["rng_state"].to("cpu") if device.type == "cpu" else checkpoint["rng_state"])
         run_dir = args.run_dir or os.path.dirname(os.path.abspath(args.resume))
     os.makedirs(run_dir, exist_ok=True)
     with open(os.path.join(run_dir, "config.json"), "w") as f:
-        json.dump({**dataclasses.asdict(args), "algorithm": ALGORITHM, "run_dir": run_dir,
+        json.dump({**dataclasses.asdict(args), "algorithm": ALGORITHM, "run_dir": run_dir, "agents": agents,
                    "funcpg": FUNCPG_VERSION, "torch": torch.__version__, "gymnasium": gym.__version__}, f, indent=2)
-    logger = Logger(args, run_dir, global_step if checkpoint else None)
+    logger = Logger(args, run_dir, list(global_step) if checkpoint else None, agents)
     checkpoint_path = os.path.join(run_dir, "checkpoint.pt")
 
-    rollout = Rollout(envs, args.num_steps, device, fixed_shape=args.compile)
+    rollout = Rollout(envs, num_agents, args.num_steps, device, fixed_shape=args.compile)
     update = make_update(args)
-    episodes = {"global_step": [], "return": [], "length": []}
-    evaluations = []
+    episodes = [{"global_step": [], "return": [], "length": []} for _ in agents]
+    evaluations = [[] for _ in agents]
     start = time.time()
 
     def wall() -> float:
         return wall_offset + time.time() - start
 
     def snapshot() -> dict:
-        return {"algorithm": ALGORITHM, "env_id": args.env_id, "args": dataclasses.asdict(args),
-                "params": params, "opt_state": opt_state, "global_step": global_step, "num_updates": num_updates,
-                "wall_time": wall(), "recent_returns": list(recent), "rng_state": generator.get_state()}
+        return {"algorithm": ALGORITHM, "env_id": args.env_id, "args": dataclasses.asdict(args), "agents": agents,
+                "params": params, "opt_state": opt_state, "global_step": global_step.tolist(), "num_updates": num_updates,
+                "wall_time": wall(), "recent_returns": [list(r) for r in recent], "rng_state": generator.get_state()}
 
     def run_evaluation() -> None:
-        seed = derived_seed(args.seed, 1, global_step)
+        seed = derived_seed(args.seed, 1, int(global_step.min()))
         returns = evaluate(args, params, seed, device)
-        if args.capture_video:
-            record_video(args, params, seed, device, os.path.join(run_dir, "videos"), f"eval-step{global_step}")
-        evaluations.append((global_step, float(returns.mean()), float(returns.std())))
-        logger.row("eval.csv", [args.seed, global_step, float(returns.mean()), float(returns.std()), len(returns)])
-        logger.scalar("eval/mean_return", float(returns.mean()), global_step)
+        if args.capture_video:  # the first agent's
+            record_video(args, agent_slice(params, 0), seed, device, os.path.join(run_dir, "videos"),
+                         f"eval-step{global_step[0]}")
+        for i, r in enumerate(returns):
+            step = int(global_step[i])
+            evaluations[i].append((step, float(r.mean()), float(r.std())))
+            logger.row("eval.csv", i, [step, float(r.mean()), float(r.std()), len(r)])
+            logger.scalar("eval/mean_return", i, float(r.mean()), step)
 
     last_good = snapshot()
     interrupted = False
     try:
-        while global_step < args.total_timesteps:
-            batch_start_step, batch_start_time = global_step, time.time()
+        while global_step.min() < args.total_timesteps:  # until every agent has taken total_timesteps
+            batch_start_step, batch_start_time = global_step.copy(), time.time()
 
-            def on_episode(t: int, ret: float, length: int) -> None:
-                step = batch_start_step + t * args.num_envs
-                recent.append(ret)
-                for key, value in zip(episodes, (step, ret, length)):
-                    episodes[key].append(value)
-                logger.row("episodes.csv", [args.seed, step, wall(), ret, length])
-                logger.scalar("charts/episodic_return", ret, step)
-                logger.scalar("charts/episodic_length", length, step)
+            def on_episode(t: int, env: int, ret: float, length: int) -> None:
+                agent = env // args.num_envs
+                step = int(batch_start_step[agent]) + t * args.num_envs
+                recent[agent].append(ret)
+                for key, value in zip(episodes[agent], (step, ret, length)):
+                    episodes[agent][key].append(value)
+                logger.row("episodes.csv", agent, [step, wall(), ret, length])
+                logger.scalar("charts/episodic_return", agent, ret, step)
+                logger.scalar("charts/episodic_length", agent, length, step)
 
-            # ----- collect a batch of complete episodes -----
-            batch, steps_per_env = rollout.collect(params, generator, derived_seed(args.seed, 0, num_updates), on_episode)
-            global_step += steps_per_env * args.num_envs
+            # ----- collect a batch of complete episodes of every agent -----
+            batch, steps_per_env = rollout.collect(params, generator, derived_seed(args.seed, 0, num_updates),
+                                                   on_episode)
+            global_step = global_step + steps_per_env * args.num_envs
 
             # ----- learn, log, evaluate, save: all or nothing (a Ctrl-C here waits for the end) -----
             with ctrl_c_deferred():
-                params, opt_state, metrics = update(params, opt_state, batch)
+                params, opt_state, metrics = update(params, opt_state, batch, hyper)
                 num_updates += 1
-                if not metrics["finite"]:
+                if not metrics["finite"].all():
                     save_checkpoint(checkpoint_path, last_good)
-                    raise NonFiniteLoss(f"non-finite loss, gradient or parameters at step {global_step} (loss "
-                                        f"{metrics['loss'].item()}); checkpoint.pt holds the last finite state, step "
-                                        f"{last_good['global_step']}: {checkpoint_path}")
+                    bad = ", ".join(f"seed {agents[i]['seed']}" + (f" lr {agents[i]['learning_rate']:g} ent-coef "
+                                    f"{agents[i]['ent_coef']:g}" if logger.grid else "")
+                                    for i in np.flatnonzero(~metrics["finite"].cpu().numpy()))
+                    raise NonFiniteLoss(f"non-finite loss, gradient or parameters at step {global_step.min()} ({bad}); "
+                                        f"checkpoint.pt holds the last finite state, step {last_good['global_step']}: "
+                                        f"{checkpoint_path}")
 
-                sps = steps_per_env * args.num_envs / (time.time() - batch_start_time)
-                value_loss = metrics["value_loss"].item() if args.baseline == "value" else ""
-                logger.row("updates.csv", [args.seed, global_step, wall(), metrics["policy_loss"].item(), value_loss,
-                                           metrics["entropy"].item(), metrics["grad_norm"].item(), sps])
-                tags = ("policy_loss", "value_loss", "entropy", "grad_norm") if args.baseline == "value" else \
+                sps = steps_per_env * args.num_envs / (time.time() - batch_start_time)  # per agent [A]
+                columns = ("policy_loss", "value_loss", "entropy", "grad_norm") if args.baseline == "value" else \
                     ("policy_loss", "entropy", "grad_norm")
-                for tag in tags:
-                    logger.scalar(f"losses/{tag}", metrics[tag].item(), global_step)
-                logger.scalar("charts/SPS", sps, global_step)
-                crossed = lambda every: every > 0 and global_step // every > batch_start_step // every  # noqa: E731
+                values = torch.stack([metrics[c] for c in columns], 1).tolist()  # [A, 3 or 4]: one sync for all agents
+                for i in range(num_agents):
+                    pg_loss, *value_loss, entropy, grad_norm = values[i]
+                    step = int(global_step[i])
+                    logger.row("updates.csv", i, [step, wall(), pg_loss, value_loss[0] if value_loss else "", entropy,
+                                                  grad_norm, float(sps[i])])
+                    for tag, v in zip(columns, values[i]):
+                        logger.scalar(f"losses/{tag}", i, v, step)
+                    logger.scalar("charts/SPS", i, float(sps[i]), step)
+                crossed = lambda every: (  # noqa: E731 (the slowest agent's step decides)
+                    every > 0 and global_step.min() // every > batch_start_step.min() // every)
                 if crossed(args.eval_every):
                     run_evaluation()
                 last_good = snapshot()
                 if crossed(args.save_every):
                     save_checkpoint(checkpoint_path, last_good)
             logger.flush()
-            logger.progress(global_step, recent, (global_step - batch_start_step) / (time.time() - batch_start_time))
-            if args.target_return is not None and len(recent) == recent.maxlen and np.mean(recent) >= args.target_return:
+            logger.progress(int(global_step.min()), recent,
+                            float(np.mean(global_step - batch_start_step)) / (time.time() - batch_start_time))
+            if args.target_return is not None and all(  # every agent has reached it
+                    len(r) == r.maxlen and np.mean(r) >= args.target_return for r in recent):
                 break
-        if args.eval_every > 0 and (not evaluations or evaluations[-1][0] != global_step):
+        if args.eval_every > 0 and (not evaluations[0] or evaluations[0][-1][0] != global_step[0]):
             run_evaluation()
         save_checkpoint(checkpoint_path, last_good)
     except KeyboardInterrupt:
@@ -808,13 +939,16 @@ def train(args: Args) -> dict:
         logger.flush()
         envs.close()
     if not interrupted:
-        steps_this_session = global_step - (checkpoint["global_step"] if checkpoint else 0)
-        logger.progress(global_step, recent, steps_this_session / max(wall() - wall_offset, 1e-9), final=True)
+        steps_this_session = float(np.mean(global_step - (np.array(checkpoint["global_step"]) if checkpoint else 0)))
+        logger.progress(int(global_step.min()), recent, steps_this_session / max(wall() - wall_offset, 1e-9),
+                        final=True)
     logger.close()
     # after Ctrl-C, the run is what the checkpoint holds: the interrupted batch is not part of it
-    return {"episodes": [episodes], "evaluations": [evaluations], "params": [last_good["params"]], "run_dir": run_dir,
-            "global_step": last_good["global_step"], "recent_returns": [last_good["recent_returns"]],
+    return {"agents": agents, "episodes": episodes, "evaluations": evaluations,
+            "params": [agent_slice(last_good["params"], i) for i in range(num_agents)], "run_dir": run_dir,
+            "global_step": last_good["global_step"], "recent_returns": last_good["recent_returns"],
             "interrupted": interrupted}
+
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -824,23 +958,31 @@ def train(args: Args) -> dict:
 
 def validate(args: Args) -> None:
     """Raise ValueError with a one-line message for any value train() cannot run with; does no training."""
-    positive = {"--num-envs": args.num_envs, "--num-steps": args.num_steps, "--total-timesteps": args.total_timesteps,
-                "--eval-episodes": args.eval_episodes, "--num-threads": args.num_threads}
+    positive = {"--num-seeds": args.num_seeds, "--num-envs": args.num_envs, "--num-steps": args.num_steps,
+                "--total-timesteps": args.total_timesteps, "--eval-episodes": args.eval_episodes,
+                "--num-threads": args.num_threads}
     for flag, value in positive.items():
         if value < 1:
             raise ValueError(f"{flag} {value}: must be a positive integer")
-    if not 0 <= args.seed < 2**32:
-        raise ValueError(f"--seed {args.seed}: must be an integer in [0, 2**32)")
+    if not 0 <= args.seed <= 2**32 - args.num_seeds:
+        raise ValueError(f"--seed {args.seed}: must be an integer in [0, 2**32 - num_seeds] (the seeds are "
+                         f"seed .. seed + num_seeds - 1)")
     for flag, value in {"--save-every": args.save_every, "--eval-every": args.eval_every}.items():
         if value < 0:
             raise ValueError(f"{flag} {value}: must be >= 0 (0 = off)")
     if not 0.0 <= args.gamma <= 1.0:
         raise ValueError(f"--gamma {args.gamma}: must be in [0, 1]")
-    for flag, value_ in {"--learning-rate": args.learning_rate, "--value-learning-rate": args.value_learning_rate}.items():
-        if not (value_ > 0 and math.isfinite(value_)):
-            raise ValueError(f"{flag} {value_}: must be a positive number")
-    if not (args.ent_coef >= 0 and math.isfinite(args.ent_coef)):
-        raise ValueError(f"--ent-coef {args.ent_coef}: must be a number >= 0")
+    for lr in args.learning_rate:
+        if not (lr > 0 and math.isfinite(lr)):
+            raise ValueError(f"--learning-rate {lr}: must be a positive number (one or more values)")
+    if not (args.value_learning_rate > 0 and math.isfinite(args.value_learning_rate)):
+        raise ValueError(f"--value-learning-rate {args.value_learning_rate}: must be a positive number")
+    for ent_coef in args.ent_coef:
+        if not (ent_coef >= 0 and math.isfinite(ent_coef)):
+            raise ValueError(f"--ent-coef {ent_coef}: must be a number >= 0 (one or more values)")
+    for flag, values in {"--learning-rate": args.learning_rate, "--ent-coef": args.ent_coef}.items():
+        if len(values) == 0:
+            raise ValueError(f"{flag}: no value given; allowed: one or more numbers")
     if not args.max_grad_norm > 0:
         raise ValueError(f"--max-grad-norm {args.max_grad_norm}: must be > 0 (inf = no clipping)")
     if not (args.eval_temperature >= 0 and math.isfinite(args.eval_temperature)):
@@ -865,6 +1007,11 @@ def validate(args: Args) -> None:
         saved = tuple(checkpoint["args"].get("hidden_sizes", ()))
         if saved != tuple(args.hidden_sizes):
             raise ValueError(f"--hidden-sizes {args.hidden_sizes}: the checkpoint's network has {saved}")
+        saved_seeds, seeds = [a["seed"] for a in checkpoint["agents"]], [a["seed"] for a in agent_grid(args)]
+        if saved_seeds != seeds:
+            raise ValueError(f"--seed {args.seed} --num-seeds {args.num_seeds} with {len(args.learning_rate)} "
+                             f"learning rate(s) and {len(args.ent_coef)} ent-coef(s) give agent seeds {seeds}; the "
+                             f"checkpoint's agents have seeds {saved_seeds}")
         if checkpoint["args"].get("baseline") != args.baseline:
             raise ValueError(f"--baseline {args.baseline}: the checkpoint was trained with "
                              f"--baseline {checkpoint['args'].get('baseline')}")
@@ -917,7 +1064,7 @@ def main() -> None:
             # the checkpoint's settings are the defaults; flags given on this command line override them
             saved = load_checkpoint(args.resume)["args"]
             fields = {f.name for f in dataclasses.fields(Args)}
-            defaults = Args(**{k: tuple(v) if k == "hidden_sizes" else v for k, v in saved.items() if k in fields})
+            defaults = Args(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items() if k in fields})
             args = parse_args(default=dataclasses.replace(defaults, resume=args.resume, run_dir=None))
         validate(args)
     except ValueError as e:
@@ -931,10 +1078,14 @@ def main() -> None:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     if not args.quiet:
-        recent = result["recent_returns"][0]
         status = "interrupted, checkpoint saved" if result["interrupted"] else "done"
-        print(f"{status}: {result['global_step']:,} steps, mean return of the last {len(recent)} episodes "
-              f"{np.mean(recent) if recent else float('nan'):.1f}; run directory: {result['run_dir']}")
+        means = [np.mean(r) if r else float("nan") for r in result["recent_returns"]]
+        if len(means) == 1:
+            summary = f"mean return of the last {len(result['recent_returns'][0])} episodes {means[0]:.1f}"
+        else:
+            summary = (f"{len(means)} agents, mean return of each one's last 100 episodes: mean {np.mean(means):.1f}, "
+                       f"min {np.min(means):.1f}, max {np.max(means):.1f}")
+        print(f"{status}: {min(result['global_step']):,} steps, {summary}; run directory: {result['run_dir']}")
     if result["interrupted"]:
         sys.exit(130)
 
