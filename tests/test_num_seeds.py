@@ -1,0 +1,318 @@
+"""Many agents in one process: --num-seeds K and --learning-rate / --ent-coef grids (issue 4).
+
+What must hold (DESIGN.md sections 4 and 5):
+- the agents are independent: the vmapped update of one agent depends on its own parameters, optimizer state,
+  batch and hyperparameters only (perturb one agent's batch: only its gradient and step change);
+- agent i of a K-seed run is the agent of a one-seed run with seed + i: the same initial parameters, its own
+  envs and action noise (the same in distribution, not the same numbers: all agents share one vector env);
+- every output is per agent (a `seed` column, plus the hyperparameters when the run is a grid), each agent's
+  steps are its own, --target-return waits for every agent, and a K-agent run resumes exactly (REINFORCE);
+- --compile compiles the vmapped update once and never recompiles.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import shutil
+from collections import Counter, defaultdict
+
+import numpy as np
+import pytest
+import torch
+import torch._dynamo
+from test_cli import (AC, CRITIC, EXACT_RESUME, RB, SCRIPTS, R, assert_ok, describe, load_checkpoint, read_config,
+                      read_csv, run_script, without)
+
+
+def module_of(script: str):
+    return importlib.import_module(f"funcpg.{script}")
+
+
+def per_seed(rows: list[dict], key: str = "seed") -> dict[str, list[dict]]:
+    grouped = defaultdict(list)
+    for row in rows:
+        grouped[row[key]].append(row)
+    return dict(grouped)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 1. the vmapped update keeps the agents apart
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def stacked_batch(module, num_agents: int, num_envs: int = 4, num_steps: int = 24):
+    """Stacked parameters, Adam states and hyperparameters of num_agents agents (seeds 1..A, learning rates and
+    entropy coefficients differing per agent), and one real CartPole batch [T, A, N, ...] of all of them."""
+    args = module.Args(num_seeds=num_agents, num_envs=num_envs, num_steps=num_steps)
+    envs = module.make_env("CartPole-v1", num_agents * num_envs)
+    per_agent = [module.init_params(4, 2, (16,), False, torch.Generator().manual_seed(a)) for a in range(1, num_agents + 1)]
+    params = module.stack_agents(per_agent)
+    opt_state = module.stack_agents([module.adam_init(p) for p in per_agent])
+    hyper = {"learning_rate": torch.tensor([1e-3 * (a + 1) for a in range(num_agents)], dtype=torch.float64),
+             "ent_coef": torch.tensor([0.01 * a for a in range(num_agents)])}
+    generator = torch.Generator().manual_seed(0)
+    if module.ALGORITHM == "actor_critic":
+        batch, _ = module.Rollout(envs, num_agents, num_steps, torch.device("cpu"), 7).collect(
+            params, generator, lambda *a: None)
+    else:
+        batch, _ = module.Rollout(envs, num_agents, num_steps, torch.device("cpu")).collect(
+            params, generator, 7, lambda *a: None)
+    envs.close()
+    batch = module.Batch(*(x.clone() for x in batch))  # the rollout's buffers are reused by the next collect
+    return args, params, opt_state, batch, hyper
+
+
+def agent_outputs(out, i: int) -> list[torch.Tensor]:
+    params, opt_state, metrics = out
+    leaves = []
+    for tree in (params, opt_state["exp_avg"], opt_state["exp_avg_sq"], metrics):
+        leaves += [v[i] for v in tree.values()]
+    return leaves
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+@pytest.mark.parametrize("field", ["rewards", "obs"])
+def test_perturbing_one_agents_batch_changes_only_its_update(script, field):
+    module = module_of(script)
+    args, params, opt_state, batch, hyper = stacked_batch(module, num_agents=3)
+    update = module.make_update(args)  # eager: vmap over the 3 agents
+    before = update(params, opt_state, batch, hyper)
+
+    perturbed = batch._asdict()
+    x = perturbed[field].clone()
+    x[:, 1] += 0.5 * torch.randn(x[:, 1].shape, generator=torch.Generator().manual_seed(3))  # agent 1 only
+    perturbed[field] = x
+    after = update(params, opt_state, module.Batch(**perturbed), hyper)
+
+    for i in (0, 2):
+        for a, b in zip(agent_outputs(before, i), agent_outputs(after, i)):
+            assert torch.equal(a, b), f"agent {i}'s update changed when only agent 1's {field} changed"
+    changed = [not torch.equal(a, b) for a, b in zip(agent_outputs(before, 1), agent_outputs(after, 1))]
+    assert any(changed), f"agent 1's update ignored its own {field}"
+    assert before[2]["grad_norm"][1] != after[2]["grad_norm"][1], "agent 1's gradient did not change"
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_each_agent_gets_its_own_learning_rate(script):
+    """Adam's first step moves every parameter with a clearly non-zero gradient by its learning rate (up to eps):
+    the stacked step must use each agent's own value."""
+    module = module_of(script)
+    args, params, opt_state, batch, hyper = stacked_batch(module, num_agents=3)
+    new_params, _, _ = module.make_update(args)(params, opt_state, batch, hyper)
+    for i in range(3):
+        lr = float(hyper["learning_rate"][i])
+        steps = torch.cat([(new_params[k][i] - params[k][i]).abs().flatten() for k in params if k.startswith("pi.")])
+        # |step| = lr * |g| / (|g| + eps): lr itself, except for gradients within a few orders of eps = 1e-8
+        assert (steps <= lr * (1 + 1e-5)).all(), f"agent {i}: a step exceeds its learning rate {lr}: {steps.max()}"
+        moved = steps[steps > lr / 2]
+        assert len(moved) > 0.5 * len(steps), f"agent {i}: most policy parameters did not move"
+        assert abs(moved.median() - lr) < 2e-2 * lr, \
+            f"agent {i}: Adam's first step is not its learning rate {lr}: median {moved.median():.4g}"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 2. through the command line
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def tiny_lr_flags(script: str) -> list:
+    """A learning rate so small that a few updates leave float32 parameters where they started (|p| >> 1e-30)."""
+    return ["--learning-rate", "1e-30", *(["--value-learning-rate", "1e-30"] if script == RB else [])]
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_agent_i_starts_from_the_parameters_of_a_one_seed_run_with_seed_plus_i(tmp_path, script):
+    common = ["--total-timesteps", 500, "--eval-every", 0, "--quiet", *tiny_lr_flags(script)]
+    assert_ok(run_script(script, "--seed", 5, "--num-seeds", 3, "--run-dir", "k3", *common, cwd=tmp_path))
+    assert_ok(run_script(script, "--seed", 6, "--run-dir", "solo", *common, cwd=tmp_path))
+    k3 = load_checkpoint(tmp_path / "k3" / "checkpoint.pt")["params"]
+    solo = load_checkpoint(tmp_path / "solo" / "checkpoint.pt")["params"]
+    assert set(k3) == set(solo)
+    for k in k3:
+        assert k3[k].shape[0] == 3 and solo[k].shape[0] == 1, (k, k3[k].shape, solo[k].shape)
+        torch.testing.assert_close(k3[k][1], solo[k][0], rtol=1e-6, atol=1e-20)
+        if k.endswith("weight"):  # and the agents differ from each other
+            assert not torch.allclose(k3[k][0], k3[k][1]) and not torch.allclose(k3[k][1], k3[k][2]), k
+    # each agent has its own envs and action noise: their episodes differ
+    _, episodes = read_csv(tmp_path / "k3" / "episodes.csv")
+    returns = {seed: [r["episodic_return"] for r in rows] for seed, rows in per_seed(episodes).items()}
+    assert sorted(returns) == ["5", "6", "7"]
+    assert returns["5"] != returns["6"] and returns["6"] != returns["7"]
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_k_seed_run_writes_every_output_per_seed(tmp_path, script):
+    r = run_script(script, "--num-seeds", 3, "--total-timesteps", 6000, "--eval-every", 3000, "--eval-episodes", 2,
+                   "--run-dir", "run", cwd=tmp_path)
+    assert_ok(r)
+    run_dir = tmp_path / "run"
+    assert "3 agents" in r.stdout.strip().splitlines()[-1], describe(r)
+    assert "mean of 3 agents" in r.stdout, describe(r)
+    config = read_config(run_dir)
+    assert config["num_seeds"] == 3
+    assert [a["seed"] for a in config["agents"]] == [1, 2, 3]
+
+    _, updates = read_csv(run_dir / "updates.csv")
+    by_seed = per_seed(updates)
+    assert sorted(by_seed) == ["1", "2", "3"]
+    counts = {seed: len(rows) for seed, rows in by_seed.items()}
+    assert len(set(counts.values())) == 1, f"every agent is updated at every update: {counts}"
+    final_steps = {seed: int(rows[-1]["global_step"]) for seed, rows in by_seed.items()}
+    assert min(final_steps.values()) >= 6000, "stopped before every agent reached --total-timesteps"
+    for seed, rows in by_seed.items():
+        s = [int(row["global_step"]) for row in rows]
+        assert s == sorted(set(s)), f"seed {seed}: global_step must strictly increase"
+        increments = np.diff([0] + s)
+        if script == AC:  # fixed rollouts
+            assert set(increments) == {config["num_steps"] * config["num_envs"]}
+        else:  # complete episodes: at least num_steps per env, in whole vector steps
+            assert all(d % config["num_envs"] == 0 and d >= config["num_steps"] * config["num_envs"] for d in increments)
+        for row in rows:
+            assert math.isfinite(float(row["policy_loss"])) and (row["value_loss"] != "") == (script in CRITIC)
+    if script != AC:  # each agent counts its own batches' steps (they end when its own episodes end)
+        per_update = list(zip(*[[int(row["global_step"]) for row in rows] for rows in by_seed.values()]))
+        assert any(len(set(step)) > 1 for step in per_update), "REINFORCE agents' steps never differed"
+
+    _, episodes = read_csv(run_dir / "episodes.csv")
+    for seed, rows in per_seed(episodes).items():
+        s = [int(row["global_step"]) for row in rows]
+        assert s == sorted(s) and s[-1] <= final_steps[seed], seed
+        assert all(float(row["episodic_return"]) == int(row["episodic_length"]) for row in rows)
+
+    _, evals = read_csv(run_dir / "eval.csv")
+    eval_rows = per_seed(evals)
+    assert sorted(eval_rows) == ["1", "2", "3"] and len({len(v) for v in eval_rows.values()}) == 1
+    assert all(int(row["episodes"]) == 2 for row in evals)
+    for seed, rows in eval_rows.items():  # evaluated at the agent's own step, which is one of its update steps
+        updates_steps = {row["global_step"] for row in by_seed[seed]}
+        assert all(row["global_step"] in updates_steps for row in rows), seed
+
+    ckpt = load_checkpoint(run_dir / "checkpoint.pt")
+    assert [a["seed"] for a in ckpt["agents"]] == [1, 2, 3]
+    assert all(v.shape[0] == 3 for v in ckpt["params"].values())
+    assert len(ckpt["recent_returns"]) == 3
+    saved_steps = ckpt["global_step"] if isinstance(ckpt["global_step"], list) else [ckpt["global_step"]] * 3
+    assert saved_steps == [final_steps[s] for s in ("1", "2", "3")]
+
+
+def test_grid_of_learning_rates_and_ent_coefs_tags_every_row(tmp_path):
+    r = run_script(AC, "--num-seeds", 2, "--learning-rate", "1e-3", "3e-3", "--ent-coef", "0", "0.01",
+                   "--total-timesteps", 2000, "--eval-every", 1000, "--eval-episodes", 2, "--run-dir", "grid",
+                   "--quiet", cwd=tmp_path)
+    assert_ok(r)
+    run_dir = tmp_path / "grid"
+    agents = read_config(run_dir)["agents"]
+    expected = {(s, lr, ec) for lr in (1e-3, 3e-3) for ec in (0.0, 0.01) for s in (1, 2)}
+    assert {(a["seed"], a["learning_rate"], a["ent_coef"]) for a in agents} == expected and len(agents) == 8
+    for name in ("episodes.csv", "updates.csv", "eval.csv"):
+        header, rows = read_csv(run_dir / name)
+        assert header[0] == "seed" and header[-2:] == ["learning_rate", "ent_coef"], (name, header)
+        tags = Counter((int(row["seed"]), float(row["learning_rate"]), float(row["ent_coef"])) for row in rows)
+        assert set(tags) == expected, (name, sorted(tags))
+        if name != "episodes.csv":
+            assert len(set(tags.values())) == 1, (name, tags)
+    ckpt = load_checkpoint(run_dir / "checkpoint.pt")
+    assert all(v.shape[0] == 8 for v in ckpt["params"].values())
+    # agents that share a seed but not a learning rate started alike and ended apart
+    i = next(k for k, a in enumerate(agents) if (a["seed"], a["learning_rate"], a["ent_coef"]) == (1, 1e-3, 0.0))
+    j = next(k for k, a in enumerate(agents) if (a["seed"], a["learning_rate"], a["ent_coef"]) == (1, 3e-3, 0.0))
+    assert not torch.allclose(ckpt["params"]["pi.0.weight"][i], ckpt["params"]["pi.0.weight"][j])
+    # a run without a grid keeps DESIGN.md's columns exactly
+    assert_ok(run_script(AC, "--num-seeds", 2, "--total-timesteps", 500, "--run-dir", "plain", "--quiet",
+                         "--eval-every", 0, cwd=tmp_path))
+    header, _ = read_csv(tmp_path / "plain" / "updates.csv")
+    assert header[-1] == "sps"
+
+
+def test_target_return_stops_when_every_agent_has_reached_it(tmp_path):
+    target = 60.0
+    r = run_script(AC, "--num-seeds", 3, "--target-return", target, "--total-timesteps", 200_000, "--eval-every", 0,
+                   "--run-dir", "run", "--quiet", cwd=tmp_path)
+    assert_ok(r)
+    _, episodes = read_csv(tmp_path / "run" / "episodes.csv")
+    _, updates = read_csv(tmp_path / "run" / "updates.csv")
+    last_step = int(updates[-1]["global_step"])
+    assert last_step < 200_000, "never stopped early"
+    update_steps = sorted({int(row["global_step"]) for row in updates})
+
+    def mean_at(rows: list[dict], step: int) -> float:
+        returns = [float(row["episodic_return"]) for row in rows if int(row["global_step"]) <= step][-100:]
+        return np.mean(returns) if len(returns) == 100 else -np.inf
+
+    crossed_at = {}
+    for seed, rows in per_seed(episodes).items():
+        assert mean_at(rows, last_step) >= target, f"seed {seed} had not reached the target when the run stopped"
+        crossed_at[seed] = next(s for s in update_steps if mean_at(rows, s) >= target)
+    previous = update_steps[-2]
+    assert any(mean_at(rows, previous) < target for rows in per_seed(episodes).values()), \
+        "the run went on after every agent had reached the target"
+    assert len(set(crossed_at.values())) > 1, f"agents crossed together, the test shows nothing: {crossed_at}"
+
+
+@pytest.mark.parametrize("script", EXACT_RESUME)
+def test_k_seed_run_resumes_exactly(tmp_path, script):
+    """Each agent's CSV rows are trimmed to its own step in the checkpoint, and the continuation is the
+    uninterrupted run's."""
+    common = ["--num-seeds", 2, "--eval-every", 2000, "--eval-episodes", 2, "--quiet"]
+    assert_ok(run_script(script, *common, "--total-timesteps", 6000, "--run-dir", "straight", cwd=tmp_path))
+    assert_ok(run_script(script, *common, "--total-timesteps", 3000, "--run-dir", "half", cwd=tmp_path))
+    # a crash after the checkpoint: rows of a later update that the checkpoint does not hold
+    _, straight_updates = read_csv(tmp_path / "straight" / "updates.csv")
+    _, half_updates = read_csv(tmp_path / "half" / "updates.csv")
+    extra = straight_updates[len(half_updates)]
+    with open(tmp_path / "half" / "updates.csv", "a") as f:
+        f.write(",".join(extra.values()) + "\n")
+    r = run_script(script, "--resume", tmp_path / "half" / "checkpoint.pt", "--total-timesteps", 6000, cwd=tmp_path)
+    assert_ok(r)
+    for name in ("episodes.csv", "updates.csv"):
+        _, expected = read_csv(tmp_path / "straight" / name)
+        _, got = read_csv(tmp_path / "half" / name)
+        assert without(got, "wall_time", "sps") == without(expected, "wall_time", "sps"), name
+    straight = load_checkpoint(tmp_path / "straight" / "checkpoint.pt")
+    resumed = load_checkpoint(tmp_path / "half" / "checkpoint.pt")
+    assert straight["global_step"] == resumed["global_step"]
+    for k in straight["params"]:
+        assert torch.equal(straight["params"][k], resumed["params"][k]), k
+
+
+@pytest.mark.parametrize("script", [R, AC])
+def test_resume_refuses_another_number_of_agents(tmp_path, script):
+    assert_ok(run_script(script, "--num-seeds", 2, "--total-timesteps", 500, "--eval-every", 0, "--run-dir", "run",
+                         "--quiet", cwd=tmp_path))
+    before = (tmp_path / "run" / "updates.csv").read_bytes()
+    r = run_script(script, "--resume", tmp_path / "run" / "checkpoint.pt", "--num-seeds", 3, cwd=tmp_path)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, describe(r)
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and "--num-seeds 3" in lines[0], describe(r)
+    assert (tmp_path / "run" / "updates.csv").read_bytes() == before
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 3. --compile: the vmapped update compiles once per run
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_compiled_k_seed_training_run_compiles_once(script, tmp_path, monkeypatch):
+    module = module_of(script)
+    torch._dynamo.reset()
+    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
+    frames = []
+    original = torch._dynamo.convert_frame.ConvertFrameAssert.__call__
+
+    def counting(self, frame, *a, **k):
+        result = original(self, frame, *a, **k)
+        if result is not None:
+            frames.append(frame.f_code.co_name)
+        return result
+
+    monkeypatch.setattr(torch._dynamo.convert_frame.ConvertFrameAssert, "__call__", counting)
+    args = module.Args(compile=True, num_seeds=2, learning_rate=(5e-3, 2e-3), total_timesteps=8_000,
+                       eval_every=4_000, eval_episodes=2, save_every=4_000, quiet=True, run_dir=str(tmp_path / "run"))
+    result = module.train(args)
+    assert len(result["params"]) == 4 and min(result["global_step"]) >= 8_000
+    assert len(frames) == 1, frames
+    assert all(torch.isfinite(p).all() for params in result["params"] for p in params.values())
+    assert all(len(e["return"]) > 10 for e in result["episodes"])
