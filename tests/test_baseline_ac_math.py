@@ -4,7 +4,8 @@ Every function under test is compared with something written separately here: a 
 textbook GAE(lambda) recursion, the env's own step outputs (recorded) for the rollout buffers, an env whose
 state values are known in closed form for the truncation bootstrap, an nn.Module + torch.distributions
 implementation (.backward()) for the loss gradients, and torch.nn.utils.clip_grad_norm_ + torch.optim.Adam for
-the whole update. Small helpers are copied from tests/test_reinforce_math.py (nothing is imported from it).
+the whole update; and, for many agents, the vmapped update (make_update) against each agent's own
+(make_agent_update). Small helpers are copied from tests/test_reinforce_math.py (nothing is imported from it).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from torch import nn
 from torch.distributions import Categorical, Normal
 from torch.func import grad_and_value
 
+from conftest import agent_batch, agent_hyper, check_vmapped_update, grid_hyper, hyper_of, stack_batches
 from funcpg import actor_critic as ac
 from funcpg import reinforce as rf
 from funcpg import reinforce_baseline as rb
@@ -399,13 +401,13 @@ def test_a2c_rollouts_mask_reset_steps_and_keep_final_observations(kind):
     generator = torch.Generator().manual_seed(0)
     finished = []
     try:
-        rollout = ac.Rollout(envs, num_steps, torch.device("cpu"), seed=5)
+        rollout = ac.Rollout(envs, 1, num_steps, torch.device("cpu"), seed=5)
         batches = []
         for _ in range(num_rollouts):
-            batch, steps = rollout.collect(params, generator,
-                                           lambda t, ret, length: finished.append((len(batches), t, ret, length)))
-            assert steps == num_steps
-            batches.append(ac.Batch(*(x.clone() for x in batch)))  # obs / actions are views of reused buffers
+            batch, steps = rollout.collect(ac.stack_agents([params]), generator, lambda t, env, ret, length:
+                                           finished.append((len(batches), t, env, ret, length)))
+            assert steps == num_steps and all(x.shape[1] == 1 for x in batch)
+            batches.append(ac.Batch(*(x[:, 0].clone() for x in batch)))  # views of reused buffers
     finally:
         envs.close()
 
@@ -451,10 +453,12 @@ def test_a2c_rollouts_mask_reset_steps_and_keep_final_observations(kind):
     assert (truncations[num_steps - 1 :: num_steps]).any(), "no truncation at a rollout's last step"
     # on_episode: one call per done, with the episode's return and length (reward 1 per CartPole step)
     assert len(finished) == env_done.sum()
-    done_at = sorted(divmod(int(s_), num_steps) for s_ in np.nonzero(env_done)[0])  # (rollout, step) per done
-    assert sorted((k, t - 1) for k, t, _, _ in finished) == done_at  # on_episode's t: steps so far this rollout
+    # (rollout, step, env) per done
+    done_at = sorted((*divmod(int(s_), num_steps), int(n)) for s_, n in zip(*np.nonzero(env_done)))
+    # on_episode's t: steps so far this rollout; env: the sub-env whose episode ended
+    assert sorted((k, t - 1, env) for k, t, env, _, _ in finished) == done_at
     lengths = [length for *_, length in finished]
-    assert all(ret == length for _, _, ret, length in finished)
+    assert all(ret == length for *_, ret, length in finished)
     assert max(lengths) == CARTPOLE_LIMIT and min(lengths) < CARTPOLE_LIMIT
 
 
@@ -474,15 +478,18 @@ def test_continuous_rollout_stores_unclipped_actions_and_sends_clipped_ones(scri
     envs.step = recording_step
     params = mod.init_params(3, 1, (8,), True, torch.Generator().manual_seed(0))
     params["pi.log_std"] = torch.full((1,), 1.5)
+    params = mod.stack_agents([params])
     generator = torch.Generator().manual_seed(0)
     try:
         if script == "actor_critic":
-            batch, steps = ac.Rollout(envs, 16, torch.device("cpu"), seed=0).collect(params, generator, lambda *a: None)
+            batch, steps = ac.Rollout(envs, 1, 16, torch.device("cpu"), seed=0).collect(params, generator,
+                                                                                         lambda *a: None)
         else:
-            batch, steps = rb.Rollout(envs, 16, torch.device("cpu")).collect(params, generator, 0, lambda *a: None)
+            batch, steps = rb.Rollout(envs, 1, 16, torch.device("cpu")).collect(params, generator, 0, lambda *a: None)
+            steps = int(steps[0])
     finally:
         envs.close()
-    actions = batch.actions[:steps].numpy()
+    actions = agent_batch(batch, 0).actions[:steps].numpy()
     assert actions.shape == (steps, num_envs, 1)
     assert np.abs(actions).max() > 2.5, "no sampled action outside the bounds: the test is vacuous"
     np.testing.assert_array_equal(np.stack(sent), np.clip(actions, -2.0, 2.0))
@@ -575,10 +582,10 @@ def test_a2c_truncation_bootstraps_final_observation_value():
     v_wrong = lambda x: WRONG[0] * x + WRONG[1]  # noqa: E731
     checked = {"truncated": 0, "at_rollout_end": 0, "reset_candidate": 0}
     try:
-        rollout = ac.Rollout(envs, num_steps, torch.device("cpu"), seed=3)
+        rollout = ac.Rollout(envs, 1, num_steps, torch.device("cpu"), seed=3)
         for k in range(num_rollouts):
-            batch, _ = rollout.collect(exact, generator, lambda *a: None)
-            batch = ac.Batch(*(x.clone() for x in batch))
+            batch, _ = rollout.collect(ac.stack_agents([exact]), generator, lambda *a: None)
+            batch = ac.Batch(*(x[:, 0].clone() for x in batch))
             valid = batch.valid.bool().numpy()
             rewards = batch.rewards.double().numpy()
             truncated = (batch.dones.bool() & ~batch.terminated.bool()).numpy()
@@ -597,21 +604,23 @@ def test_a2c_truncation_bootstraps_final_observation_value():
                 np.testing.assert_allclose(ret.double().numpy()[valid], true_value(x[:-1])[valid], rtol=0, atol=2e-4)
                 np.testing.assert_allclose(adv.double().numpy()[valid], 0.0, rtol=0, atol=2e-4)
             # ... and so the script's own update sees a zero value loss
-            update = ac.make_update(ac.Args(compile=False, gamma=CHAIN_GAMMA, gae_lambda=0.95, hidden_sizes=(),
-                                            normalize_advantages=False))
-            _, _, metrics = update(exact, ac.adam_init(exact), batch)
+            args = ac.Args(compile=False, gamma=CHAIN_GAMMA, gae_lambda=0.95, hidden_sizes=(),
+                           normalize_advantages=False)
+            update = ac.make_agent_update(args)
+            _, _, metrics = update(exact, ac.adam_init(exact), batch, hyper_of(args))
             assert metrics["value_loss"].item() < 1e-7, metrics["value_loss"].item()
 
             # (b) a wrong critic: at each truncated step the update's regression target is r + gamma V(final obs)
             # (whatever lambda: the advantage stops at the episode end), read from the value-loss metric of a
             # batch whose only learned step is that one: value_loss = (V(s_t) - target)^2
-            update = ac.make_update(ac.Args(compile=False, gamma=CHAIN_GAMMA, gae_lambda=0.95, hidden_sizes=(),
-                                            normalize_advantages=False, vf_coef=1.0))
+            args = ac.Args(compile=False, gamma=CHAIN_GAMMA, gae_lambda=0.95, hidden_sizes=(),
+                           normalize_advantages=False, vf_coef=1.0)
+            update = ac.make_agent_update(args)
             for t, n in zip(*np.nonzero(truncated & valid)):
                 r = rewards[t, n]
                 v_reset = v_wrong(x[t + 2, n]) if t + 2 <= num_steps else None  # the env's reset obs
                 right, as_terminated, from_reset = candidate_targets(r, v_wrong(r + 1), v_reset)
-                _, _, metrics = update(wrong, ac.adam_init(wrong), one_step_valid(batch, t, n))
+                _, _, metrics = update(wrong, ac.adam_init(wrong), one_step_valid(batch, t, n), hyper_of(args))
                 got = metrics["value_loss"].item()
                 expected = (v_wrong(r) - right) ** 2
                 assert got == pytest.approx(expected, rel=1e-5), (k, t, n)
@@ -660,10 +669,11 @@ def test_reinforce_baseline_truncation_bootstraps_final_observation_value():
     v_wrong = lambda x: WRONG[0] * np.asarray(x, np.float64) + WRONG[1]  # noqa: E731
     checked = {"truncated": 0, "reset_candidate": 0}
     try:
-        rollout = rb.Rollout(envs, num_steps, torch.device("cpu"))
+        rollout = rb.Rollout(envs, 1, num_steps, torch.device("cpu"))
         for i in range(3):
-            batch, steps = rollout.collect(exact, generator, rb.derived_seed(9, 0, i), lambda *a: None)
-            batch = rb.Batch(*(x.clone() for x in batch))
+            batch, steps = rollout.collect(rb.stack_agents([exact]), generator, rb.derived_seed(9, 0, i),
+                                           lambda *a: None)
+            batch = rb.Batch(*(x[:, 0].clone() for x in batch))
             valid = batch.valid.bool().numpy()
             rewards, dones = batch.rewards.double().numpy(), batch.dones.bool().numpy()
             truncated = batch.truncated.bool().numpy()
@@ -672,17 +682,19 @@ def test_reinforce_baseline_truncation_bootstraps_final_observation_value():
             np.testing.assert_array_equal(x[:-1][valid], rewards[valid])
 
             # (a) an exact critic: every reward-to-go target is the true value of its state, value loss 0
-            update = rb.make_update(rb.Args(compile=False, baseline="value", gamma=CHAIN_GAMMA, hidden_sizes=(),
-                                            return_type="reward-to-go", normalize_advantages=False))
-            _, _, metrics = update(exact, rb.adam_init(exact), batch)
+            args = rb.Args(compile=False, baseline="value", gamma=CHAIN_GAMMA, hidden_sizes=(),
+                           return_type="reward-to-go", normalize_advantages=False)
+            update = rb.make_agent_update(args)
+            _, _, metrics = update(exact, rb.adam_init(exact), batch, hyper_of(args))
             assert metrics["value_loss"].item() < 1e-7, metrics["value_loss"].item()
 
             # (b) a wrong critic: the value loss of the whole batch equals the hand-computed one, for both
             # return types (targets G bootstrapped with the wrong critic's V(final obs))
             for return_type in ("reward-to-go", "episode"):
-                update = rb.make_update(rb.Args(compile=False, baseline="value", gamma=CHAIN_GAMMA, hidden_sizes=(),
-                                                return_type=return_type, normalize_advantages=False))
-                _, _, metrics = update(wrong, rb.adam_init(wrong), batch)
+                args = rb.Args(compile=False, baseline="value", gamma=CHAIN_GAMMA, hidden_sizes=(),
+                               return_type=return_type, normalize_advantages=False)
+                update = rb.make_agent_update(args)
+                _, _, metrics = update(wrong, rb.adam_init(wrong), batch, hyper_of(args))
                 targets = ref_chain_returns(rewards, valid, dones, v_wrong, return_type=return_type)
                 expected = np.mean((v_wrong(rewards) - targets)[valid] ** 2)
                 assert metrics["value_loss"].item() == pytest.approx(expected, rel=1e-5), return_type
@@ -691,14 +703,15 @@ def test_reinforce_baseline_truncation_bootstraps_final_observation_value():
 
             # (c) per truncated step, the regression target read from the update's value loss with that step
             # as the only learned one: (V(s_t) - target)^2 with target = r + gamma V(final obs)
-            update = rb.make_update(rb.Args(compile=False, baseline="value", gamma=CHAIN_GAMMA, hidden_sizes=(),
-                                            return_type="reward-to-go", normalize_advantages=False))
+            args = rb.Args(compile=False, baseline="value", gamma=CHAIN_GAMMA, hidden_sizes=(),
+                           return_type="reward-to-go", normalize_advantages=False)
+            update = rb.make_agent_update(args)
             for t, n in zip(*np.nonzero(truncated & valid)):
                 r = rewards[t, n]
                 # the next episode's start state, where the batch has it
                 v_reset = v_wrong(x[t + 2, n]) if t + 2 < len(valid) and valid[t + 2, n] else None
                 right, as_terminated, from_reset = candidate_targets(r, v_wrong(r + 1), v_reset)
-                _, _, metrics = update(wrong, rb.adam_init(wrong), one_step_valid(batch, t, n))
+                _, _, metrics = update(wrong, rb.adam_init(wrong), one_step_valid(batch, t, n), hyper_of(args))
                 got = metrics["value_loss"].item()
                 assert got == pytest.approx((v_wrong(r) - right) ** 2, rel=1e-5), (i, t, n)
                 assert abs(got - (v_wrong(r) - as_terminated) ** 2) > 100
@@ -721,23 +734,28 @@ def test_termination_with_truncation_is_not_bootstrapped(script):
     g = torch.Generator().manual_seed(0)
     if script == "actor_critic":
         params = with_linear_critic(ac.init_params(1, 2, (), False, g), *WRONG)
-        rollout = ac.Rollout(envs, num_steps, torch.device("cpu"), seed=4)
-        update = ac.make_update(ac.Args(compile=False, gamma=CHAIN_GAMMA, gae_lambda=1.0, hidden_sizes=(),
-                                        normalize_advantages=False, vf_coef=1.0))
+        rollout = ac.Rollout(envs, 1, num_steps, torch.device("cpu"), seed=4)
+        args = ac.Args(compile=False, gamma=CHAIN_GAMMA, gae_lambda=1.0, hidden_sizes=(),
+                       normalize_advantages=False, vf_coef=1.0)
+        update = ac.make_agent_update(args)
     else:
         params = with_linear_critic(rb.init_params(1, 2, (), False, g, value=True), *WRONG)
-        rollout = rb.Rollout(envs, num_steps, torch.device("cpu"))
-        update = rb.make_update(rb.Args(compile=False, baseline="value", gamma=CHAIN_GAMMA, hidden_sizes=(),
-                                        normalize_advantages=False))
+        rollout = rb.Rollout(envs, 1, num_steps, torch.device("cpu"))
+        args = rb.Args(compile=False, baseline="value", gamma=CHAIN_GAMMA, hidden_sizes=(),
+                       normalize_advantages=False)
+        update = rb.make_agent_update(args)
+    stacked = (ac if script == "actor_critic" else rb).stack_agents([params])
     v_wrong = lambda x: WRONG[0] * x + WRONG[1]  # noqa: E731
     checked = 0
     try:
         for i in range(2):
             if script == "actor_critic":
-                batch, _ = rollout.collect(params, g, lambda *a: None)
+                batch, _ = rollout.collect(stacked, g, lambda *a: None)
+                batch = agent_batch(batch, 0)
                 ended = batch.terminated.bool()
             else:
-                batch, _ = rollout.collect(params, g, rb.derived_seed(1, 0, i), lambda *a: None)
+                batch, _ = rollout.collect(stacked, g, rb.derived_seed(1, 0, i), lambda *a: None)
+                batch = agent_batch(batch, 0)
                 assert not (batch.truncated.bool() & batch.dones.bool() & batch.valid.bool()).any(), \
                     "a step that terminated is flagged as truncated (it would be bootstrapped)"
                 ended = batch.dones.bool()
@@ -745,7 +763,7 @@ def test_termination_with_truncation_is_not_bootstrapped(script):
             for t, n in zip(*np.nonzero((ended & valid).numpy())):
                 r = batch.rewards[t, n].item()
                 _, _, metrics = update(params, (ac if script == "actor_critic" else rb).adam_init(params),
-                                       one_step_valid(batch, t, n))
+                                       one_step_valid(batch, t, n), hyper_of(args))
                 got, right = metrics["value_loss"].item(), (v_wrong(r) - r) ** 2
                 bootstrapped = (v_wrong(r) - r - CHAIN_GAMMA * v_wrong(r + 1)) ** 2
                 assert got == pytest.approx(right, rel=1e-5), (i, t, n, got, right, bootstrapped)
@@ -768,12 +786,15 @@ def test_rb_rollout_records_what_the_env_returned():
     log = record_env_outputs(envs)
     params = rb.init_params(4, 2, (8,), False, torch.Generator().manual_seed(0), value=True)
     generator = torch.Generator().manual_seed(0)
-    rollout = rb.Rollout(envs, num_steps, torch.device("cpu"))
+    rollout = rb.Rollout(envs, 1, num_steps, torch.device("cpu"))
     saw = {"truncated": 0, "terminated": 0}
     try:
         for i in range(4):
             first = len(log["rewards"])
-            batch, steps = rollout.collect(params, generator, rb.derived_seed(2, 0, i), lambda *a: None)
+            batch, steps = rollout.collect(rb.stack_agents([params]), generator, rb.derived_seed(2, 0, i),
+                                           lambda *a: None)
+            assert steps.shape == (1,) and all(x.shape[1] == 1 for x in batch)
+            batch, steps = agent_batch(batch, 0), int(steps[0])
             env_obs = np.stack(log["obs"][first + i:])  # this batch's reset obs, then one per step
             rew, term, trunc = (np.stack(log[k][first:]) for k in ("rewards", "terminated", "truncated"))
             assert env_obs.shape[0] == steps + 1 and rew.shape[0] == steps
@@ -944,24 +965,24 @@ def opt_state_from(optimizers_by_key, i):
                          [("reward-to-go", True), ("episode", False), ("reward-to-go", False)])
 @pytest.mark.parametrize("max_grad_norm", [0.05, math.inf])
 def test_rb_make_update_matches_torch_pipeline(continuous, baseline, return_type, normalize, max_grad_norm):
-    """update == reference returns (truncations bootstrapped with V(final obs) when there is a critic) ->
-    advantages -> nn loss.backward() -> clip_grad_norm_ per network -> Adam(policy, lr) and
-    Adam(value, value_learning_rate).
+    """make_agent_update(args)(params, opt_state, batch, hyper) == reference returns (truncations bootstrapped
+    with V(final obs) when there is a critic) -> advantages -> nn loss.backward() -> clip_grad_norm_ per network
+    -> Adam(policy, lr) and Adam(value, value_learning_rate).
 
     In float64, and every update starts from the reference's current parameters and Adam state (as in
     tests/test_reinforce_math.py: in float32, Adam amplifies rounding differences of gradients ~1e-7 by
     lr / (|g| + eps), which would force tolerances too loose to see real bugs).
     """
     args = rb.Args(compile=False, gamma=0.95, baseline=baseline, return_type=return_type,
-                   normalize_advantages=normalize, ent_coef=0.01, max_grad_norm=max_grad_norm, learning_rate=3e-2,
-                   value_learning_rate=7e-2, hidden_sizes=HIDDEN)
-    update = rb.make_update(args)
+                   normalize_advantages=normalize, ent_coef=(0.01,), max_grad_norm=max_grad_norm,
+                   learning_rate=(3e-2,), value_learning_rate=7e-2, hidden_sizes=HIDDEN)
+    update, hyper = rb.make_agent_update(args), hyper_of(args)
     ref = ReferenceAgent({k: v.double() for k, v in rb_params(3, continuous, baseline).items()})
     named = ref.named()
     pi_params = [p for k, p in named.items() if k.startswith("pi.")]
     v_params = [p for k, p in named.items() if k.startswith("v.")]
     assert len(pi_params) + len(v_params) == len(named) and bool(v_params) == (baseline == "value")
-    opt_pi = torch.optim.Adam(pi_params, lr=args.learning_rate)
+    opt_pi = torch.optim.Adam(pi_params, lr=args.learning_rate[0])
     opt_v = torch.optim.Adam(v_params, lr=args.value_learning_rate) if v_params else None
     by_key = {k: (opt_v if k.startswith("v.") else opt_pi, p) for k, p in named.items()}
 
@@ -972,7 +993,7 @@ def test_rb_make_update_matches_torch_pipeline(continuous, baseline, return_type
         batch = rb.Batch(*(x.double() for x in batch))
         old = {k: p.detach().clone() for k, p in named.items()}
         opt_state = rb.adam_init(old) if i == 0 else opt_state_from(by_key, i)
-        params, opt_state, metrics = update(old, opt_state, batch)
+        params, opt_state, metrics = update(old, opt_state, batch, hyper)
         assert all(v.dtype == torch.float64 for v in params.values())
 
         with torch.no_grad():
@@ -988,8 +1009,9 @@ def test_rb_make_update_matches_torch_pipeline(continuous, baseline, return_type
         opt_pi.zero_grad()
         if opt_v:
             opt_v.zero_grad()
+        # the coefficient the update was given: train()'s hyper holds ent_coef in float32 (0.01 -> 0.00999999977)
         loss, pg_loss, value_loss, entropy = ref.loss(batch.obs, batch.actions, batch.valid, returns, advantages,
-                                                      args.ent_coef)
+                                                      float(hyper["ent_coef"]))
         loss.backward()
         pi_norm = torch.nn.utils.clip_grad_norm_(pi_params, max_grad_norm)
         clipped["pi"] |= bool(pi_norm > max_grad_norm)
@@ -1018,15 +1040,16 @@ def test_rb_make_update_matches_torch_pipeline(continuous, baseline, return_type
 @pytest.mark.parametrize("normalize, gae_lambda", [(True, 0.9), (False, 1.0)])
 @pytest.mark.parametrize("max_grad_norm", [0.05, math.inf])
 def test_ac_make_update_matches_torch_pipeline(continuous, shared_trunk, normalize, gae_lambda, max_grad_norm):
-    """update == reference V(s_0..s_T) -> textbook GAE loop -> nn loss.backward() -> one clip_grad_norm_ over
-    all parameters -> one Adam, in float64 (see the rb test above for why)."""
+    """make_agent_update(args)(params, opt_state, batch, hyper) == reference V(s_0..s_T) -> textbook GAE loop ->
+    nn loss.backward() -> one clip_grad_norm_ over all parameters -> one Adam, in float64 (see the rb test above
+    for why)."""
     args = ac.Args(compile=False, gamma=0.95, gae_lambda=gae_lambda, normalize_advantages=normalize,
-                   vf_coef=0.7, ent_coef=0.01, max_grad_norm=max_grad_norm, learning_rate=3e-2,
+                   vf_coef=0.7, ent_coef=(0.01,), max_grad_norm=max_grad_norm, learning_rate=(3e-2,),
                    hidden_sizes=HIDDEN, shared_trunk=shared_trunk)
-    update = ac.make_update(args)
+    update, hyper = ac.make_agent_update(args), hyper_of(args)
     ref = ReferenceAgent({k: v.double() for k, v in ac_params(3, continuous, shared_trunk).items()})
     named = ref.named()
-    opt = torch.optim.Adam(list(named.values()), lr=args.learning_rate)
+    opt = torch.optim.Adam(list(named.values()), lr=args.learning_rate[0])
     by_key = {k: (opt, p) for k, p in named.items()}
 
     clipped_any, max_rel = False, 0.0
@@ -1036,7 +1059,7 @@ def test_ac_make_update_matches_torch_pipeline(continuous, shared_trunk, normali
         assert truncated.any() and batch.terminated.any() and (batch.valid == 0).any()
         old = {k: p.detach().clone() for k, p in named.items()}
         opt_state = ac.adam_init(old) if i == 0 else opt_state_from(by_key, i)
-        params, opt_state, metrics = update(old, opt_state, batch)
+        params, opt_state, metrics = update(old, opt_state, batch, hyper)
         assert all(v.dtype == torch.float64 for v in params.values())
 
         with torch.no_grad():
@@ -1048,7 +1071,7 @@ def test_ac_make_update_matches_torch_pipeline(continuous, shared_trunk, normali
             advantages = ref_normalize(advantages, batch.valid)
         opt.zero_grad()
         loss, pg_loss, value_loss, entropy = ref.loss(batch.obs, batch.actions, batch.valid, returns, advantages,
-                                                      args.ent_coef, args.vf_coef)
+                                                      float(hyper["ent_coef"]), args.vf_coef)  # as in the rb test
         loss.backward()
         total_norm = torch.nn.utils.clip_grad_norm_(list(named.values()), max_grad_norm)
         clipped_any |= bool(total_norm > max_grad_norm)
@@ -1070,18 +1093,54 @@ def test_ac_make_update_matches_torch_pipeline(continuous, shared_trunk, normali
 # 6. The compiled A2C update equals the eager one, and does not recompile
 # ----------------------------------------------------------------------------------------------------------------
 
-AC_COMPILE_ARGS = dict(gamma=0.99, gae_lambda=0.95, normalize_advantages=True, vf_coef=0.5, ent_coef=0.01,
-                       max_grad_norm=0.5, learning_rate=1e-2, hidden_sizes=(64, 64), shared_trunk=False)
+# two agents (two learning rates): the compiled graph is the vmapped update, as in a --num-seeds / grid run
+AC_COMPILE_ARGS = dict(gamma=0.99, gae_lambda=0.95, normalize_advantages=True, vf_coef=0.5, ent_coef=(0.01,),
+                       max_grad_norm=0.5, learning_rate=(1e-2, 3e-3), hidden_sizes=(64, 64), shared_trunk=False)
 
 
 @pytest.mark.slow
 def test_ac_compiled_update_matches_eager(compiled_vs_eager):
-    """Two updates, compiled vs eager, CartPole-sized (see tests/conftest.py for what is compared and why)."""
+    """Two updates of two agents, compiled vs eager, CartPole-sized (see tests/conftest.py for what is compared
+    and why)."""
+    args = ac.Args(compile=False, **AC_COMPILE_ARGS)
     compiled = ac.make_update(ac.Args(compile=True, **AC_COMPILE_ARGS))
-    eager = ac.make_update(ac.Args(compile=False, **AC_COMPILE_ARGS))
-    params = ac_params(4, False, False, hidden=(64, 64), obs_dim=4, act_dim=2)
-    batches = [ac_batch(20 + i, 64, 8, False, obs_dim=4, act_dim=2)[0] for i in range(2)]
+    eager = ac.make_update(args)
+    params = [ac_params(4 + a, False, False, hidden=(64, 64), obs_dim=4, act_dim=2) for a in range(2)]
+    batches = [stack_batches([ac_batch(20 + 2 * i + a, 64, 8, False, obs_dim=4, act_dim=2)[0] for a in range(2)])
+               for i in range(2)]
     for batch in batches:
         assert 0 < batch.valid.mean() < 1 and batch.terminated.any()
-    compiled_vs_eager(compiled, eager, ac.adam_init, params, batches, AC_COMPILE_ARGS["learning_rate"],
-                      AC_COMPILE_ARGS["max_grad_norm"], ("loss", "policy_loss", "value_loss", "entropy", "grad_norm"))
+    compiled_vs_eager(compiled, eager, ac, params, batches, grid_hyper(ac, args), AC_COMPILE_ARGS["max_grad_norm"],
+                      ("loss", "policy_loss", "value_loss", "entropy", "grad_norm"))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 7. Many agents: the vmapped update is every agent's own update
+# ----------------------------------------------------------------------------------------------------------------
+
+VMAP_LRS, VMAP_ENT_COEFS = [1e-2, 3e-2, 5e-3], [0.0, 0.05, 0.01]
+
+
+@pytest.mark.parametrize("continuous", [False, True])
+@pytest.mark.parametrize("baseline", ["value", "batch-mean"])
+def test_rb_vmapped_update_is_each_agents_own_update(continuous, baseline):
+    """make_update over 3 stacked agents (different parameters, batches, learning rates and entropy coefficients)
+    == make_agent_update on each agent's slice: vmap changes nothing and no agent's data leaks into another's."""
+    args = rb.Args(compile=False, gamma=0.95, baseline=baseline, return_type="reward-to-go",
+                   normalize_advantages=True, max_grad_norm=0.5, learning_rate=tuple(VMAP_LRS), ent_coef=(0.0,),
+                   value_learning_rate=7e-2, hidden_sizes=HIDDEN)
+    params = [rb_params(30 + a, continuous, baseline) for a in range(3)]
+    batches = [stack_batches([rb_batch(40 + 3 * u + a, 50, 4, continuous)[0] for a in range(3)]) for u in range(3)]
+    check_vmapped_update(rb, args, params, batches, agent_hyper(VMAP_LRS, VMAP_ENT_COEFS))
+
+
+@pytest.mark.parametrize("continuous", [False, True])
+@pytest.mark.parametrize("shared_trunk", [False, True])
+def test_ac_vmapped_update_is_each_agents_own_update(continuous, shared_trunk):
+    """As the rb test above, for actor_critic's update."""
+    args = ac.Args(compile=False, gamma=0.95, gae_lambda=0.9, normalize_advantages=True, vf_coef=0.7,
+                   max_grad_norm=0.5, learning_rate=tuple(VMAP_LRS), ent_coef=(0.0,), hidden_sizes=HIDDEN,
+                   shared_trunk=shared_trunk)
+    params = [ac_params(30 + a, continuous, shared_trunk) for a in range(3)]
+    batches = [stack_batches([ac_batch(40 + 3 * u + a, 30, 4, continuous)[0] for a in range(3)]) for u in range(3)]
+    check_vmapped_update(ac, args, params, batches, agent_hyper(VMAP_LRS, VMAP_ENT_COEFS))

@@ -3,7 +3,8 @@
 The unit tests compare one compiled update with eager; this runs the training loop itself (rollouts of
 changing content, the NEXT_STEP dummy steps, evaluation, checkpointing) under torch._dynamo's
 error_on_recompile, so a guard that fails mid-run (a Python number that changes, a shape that drifts) fails
-the test instead of silently recompiling.
+the test instead of silently recompiling. The run trains two agents (--num-seeds 2), so the compiled graph is
+the vmapped update of a multi-agent run.
 """
 
 from __future__ import annotations
@@ -25,21 +26,31 @@ def test_compiled_training_run_compiles_once(script, tmp_path, monkeypatch):
     torch._dynamo.reset()
     monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
     frames = []
-    # count the frames Dynamo compiles during the run (one: the update)
+    # count the frames Dynamo compiles during the run (one: the vmapped update)
     original = torch._dynamo.convert_frame.ConvertFrameAssert.__call__
 
     def counting(self, frame, *a, **k):
         result = original(self, frame, *a, **k)
         if result is not None:
-            frames.append(frame.f_code.co_name)
+            frames.append(frame.f_code)
         return result
 
     monkeypatch.setattr(torch._dynamo.convert_frame.ConvertFrameAssert, "__call__", counting)
-    args = module.Args(compile=True, total_timesteps=12_000, eval_every=6_000, eval_episodes=2, save_every=6_000,
-                       quiet=True, run_dir=str(tmp_path / "run"))
+    made = []  # the update train() makes
+    make_update = module.make_update
+    monkeypatch.setattr(module, "make_update", lambda args: made.append(make_update(args)) or made[-1])
+    args = module.Args(compile=True, num_seeds=2, total_timesteps=12_000, eval_every=6_000, eval_episodes=2,
+                       save_every=6_000, quiet=True, run_dir=str(tmp_path / "run"))
     result = module.train(args)
-    assert result["global_step"] >= 12_000 and len(result["episodes"][0]["return"]) > 20
-    assert frames == ["update"], frames
-    assert all(torch.isfinite(p).all() for p in result["params"][0].values())
-    # and it learns a little, like the eager run: a random CartPole policy averages ~22
-    assert np.mean(result["episodes"][0]["return"][-20:]) > 30
+    assert len(result["agents"]) == len(result["episodes"]) == len(result["params"]) == 2
+    assert min(result["global_step"]) >= 12_000
+    # the one compiled frame is torch.func.vmap's wrapper around the script's update (inlined into the same graph)
+    assert len(made) == 1
+    vmapped = made[0]._torchdynamo_orig_callable
+    assert vmapped.__wrapped__.__name__ == "update" and vmapped.__wrapped__.__module__ == module.__name__
+    assert [(c.co_name, c.co_filename) for c in frames] == [(vmapped.__code__.co_name, vmapped.__code__.co_filename)]
+    for agent, episodes, params in zip(result["agents"], result["episodes"], result["params"]):
+        assert len(episodes["return"]) > 20, agent
+        assert all(torch.isfinite(p).all() for p in params.values()), agent
+        # and each agent learns a little, like the eager run: a random CartPole policy averages ~22
+        assert np.mean(episodes["return"][-20:]) > 30, agent

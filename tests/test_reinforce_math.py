@@ -3,7 +3,8 @@
 Every function under test is compared with something written separately here: plain float64 loops for the
 return scans, torch.optim.Adam / torch.nn.utils.clip_grad_norm_ for the optimizer, an nn.Sequential +
 torch.distributions implementation for the loss gradient, and the exact policy gradient of a small MDP
-(enumerated trajectories) for the Monte-Carlo estimator that the rollout + loss produce.
+(enumerated trajectories) for the Monte-Carlo estimator that the rollout + loss produce; for many agents, the
+vmapped update (make_update) against each agent's own (make_agent_update).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from torch import nn
 from torch.distributions import Categorical, Normal
 from torch.func import grad_and_value
 
+from conftest import agent_batch, agent_hyper, check_vmapped_update, grid_hyper, hyper_of, stack_batches
 from funcpg import reinforce as rf
 from layouts import next_step_layout
 
@@ -212,51 +214,62 @@ if CARTPOLE_ID not in gym.registry:
 
 
 @pytest.mark.parametrize("fixed_shape", [False, True])
-def test_compute_returns_on_real_rollout_batches(fixed_shape):
-    """Rollout.collect's buffers have the layout compute_returns assumes, and its returns match the reference.
+@pytest.mark.parametrize("num_agents", [1, 2])
+def test_compute_returns_on_real_rollout_batches(fixed_shape, num_agents):
+    """Rollout.collect's buffers have the layout compute_returns assumes, and its returns match the reference,
+    for every agent of a multi-agent rollout too.
 
     Episodes are parsed from the valid mask alone (maximal runs of valid steps); each run must end with done = 1
     and contain no other done (so consecutive episodes are always separated by an invalid step), and every env's
-    last valid step is a done at t >= num_steps - 1.
+    last valid step is a done at t >= num_steps - 1. Each agent's step count is that of its own batch (its last
+    valid step + 1); the batch's rows run to the longest agent's (or the capacity, zero past the end).
     """
     num_envs, num_steps = 4, 20
-    envs = rf.make_env(CARTPOLE_ID, num_envs)
-    rollout = rf.Rollout(envs, num_steps=num_steps, device=torch.device("cpu"), fixed_shape=fixed_shape)
-    params = rf.init_params(4, 2, (8,), False, torch.Generator().manual_seed(0))
+    envs = rf.make_env(CARTPOLE_ID, num_agents * num_envs)
+    rollout = rf.Rollout(envs, num_agents, num_steps, torch.device("cpu"), fixed_shape=fixed_shape)
+    params = rf.stack_agents([rf.init_params(4, 2, (8,), False, torch.Generator().manual_seed(a))
+                              for a in range(num_agents)])
     generator = torch.Generator().manual_seed(0)
     finished = []
     try:
         for i in range(5):
             batch, steps = rollout.collect(params, generator, rf.derived_seed(3, 0, i),
-                                           on_episode=lambda t, ret, length: finished.append((ret, length)))
-            rows = rollout.capacity if fixed_shape else steps
-            assert all(x.shape[:2] == (rows, num_envs) for x in batch)
-            valid = batch.valid.numpy().astype(bool)
-            dones, rewards = batch.dones.numpy(), batch.rewards.numpy()
-            assert not valid[steps:].any() and not rewards[steps:].any() and not batch.obs[steps:].any()
-            episodes, last_valid = [], []
-            for b in range(num_envs):
-                t = 0
-                while t < rows:
-                    if valid[t, b]:
-                        end = t
-                        while end < rows and valid[end, b]:
-                            end += 1
-                        assert dones[end - 1, b] == 1 and not dones[t : end - 1, b].any(), (b, t, end)
-                        episodes.append((b, t, end))
-                        t = end
-                    else:
-                        t += 1
-                last_valid.append(int(np.flatnonzero(valid[:, b])[-1]))
-            assert min(last_valid) >= num_steps - 1 and max(last_valid) + 1 == steps
-            for return_type in ("reward-to-go", "episode"):
-                ref, _ = ref_returns(rewards, episodes, 0.9, return_type)
-                got = rf.compute_returns(batch.rewards, batch.dones, batch.valid, 0.9, return_type).double().numpy()
-                np.testing.assert_allclose(got[valid], ref[valid], rtol=0, atol=1e-5)
+                                           on_episode=lambda t, env, ret, length: finished.append((env, ret, length)))
+            assert steps.shape == (num_agents,)
+            longest = int(steps.max())
+            rows = rollout.capacity if fixed_shape else longest
+            assert all(x.shape[:3] == (rows, num_agents, num_envs) for x in batch)
+            assert not batch.valid[longest:].any() and not batch.rewards[longest:].any()
+            assert not batch.obs[longest:].any() and not batch.actions[longest:].any()
+            for a in range(num_agents):
+                agent = agent_batch(batch, a)
+                valid = agent.valid.numpy().astype(bool)
+                dones, rewards = agent.dones.numpy(), agent.rewards.numpy()
+                assert not valid[steps[a]:].any()
+                episodes, last_valid = [], []
+                for b in range(num_envs):
+                    t = 0
+                    while t < rows:
+                        if valid[t, b]:
+                            end = t
+                            while end < rows and valid[end, b]:
+                                end += 1
+                            assert dones[end - 1, b] == 1 and not dones[t : end - 1, b].any(), (a, b, t, end)
+                            episodes.append((b, t, end))
+                            t = end
+                        else:
+                            t += 1
+                    last_valid.append(int(np.flatnonzero(valid[:, b])[-1]))
+                assert min(last_valid) >= num_steps - 1 and max(last_valid) + 1 == steps[a]
+                for return_type in ("reward-to-go", "episode"):
+                    ref, _ = ref_returns(rewards, episodes, 0.9, return_type)
+                    got = rf.compute_returns(agent.rewards, agent.dones, agent.valid, 0.9, return_type).double().numpy()
+                    np.testing.assert_allclose(got[valid], ref[valid], rtol=0, atol=1e-5)
     finally:
         envs.close()
-    lengths = [length for _, length in finished]
+    lengths = [length for _, _, length in finished]
     assert 15 in lengths and min(lengths) < 15  # both truncations and terminations happened
+    assert {env // num_envs for env, _, _ in finished} == set(range(num_agents))  # every agent's episodes
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -430,7 +443,8 @@ def test_policy_loss_gradient_matches_imperative(continuous, normalize_returns, 
 @pytest.mark.parametrize("normalize_returns", [False, True])
 @pytest.mark.parametrize("max_grad_norm", [0.05, math.inf])
 def test_make_update_matches_torch_pipeline(continuous, return_type, normalize_returns, max_grad_norm):
-    """update(params, opt_state, batch) == reference returns -> nn loss.backward() -> clip_grad_norm_ -> Adam.
+    """make_agent_update(args)(params, opt_state, batch, hyper) == reference returns -> nn loss.backward() ->
+    clip_grad_norm_ -> Adam.
 
     In float64, and every update starts from the reference's current parameters and Adam state: in float32 (or
     letting the two runs drift apart) Adam amplifies tiny gradient differences by ~lr / (|g| + eps) on any
@@ -438,11 +452,11 @@ def test_make_update_matches_torch_pipeline(continuous, return_type, normalize_r
     tolerances too loose to see real bugs. The float32 gradient itself is checked in the test above.
     """
     args = rf.Args(compile=False, gamma=0.95, return_type=return_type, normalize_returns=normalize_returns,
-                   ent_coef=0.01, max_grad_norm=max_grad_norm, learning_rate=3e-2, hidden_sizes=HIDDEN)
-    update = rf.make_update(args)
+                   ent_coef=(0.01,), max_grad_norm=max_grad_norm, learning_rate=(3e-2,), hidden_sizes=HIDDEN)
+    update, hyper = rf.make_agent_update(args), hyper_of(args)
     ref = ReferencePolicy({k: v.double() for k, v in make_params(3, continuous).items()})
     ref_params = ref.named()
-    opt = torch.optim.Adam(list(ref_params.values()), lr=args.learning_rate)
+    opt = torch.optim.Adam(list(ref_params.values()), lr=args.learning_rate[0])
 
     # several updates on different batches: Adam's first step is nearly invariant to the gradient's scale, so
     # the clipping factor is checked through exp_avg (= (1 - beta1) * clipped gradient after step 1)
@@ -457,14 +471,15 @@ def test_make_update_matches_torch_pipeline(continuous, return_type, normalize_r
             opt_state = {"step": torch.tensor(float(i), dtype=torch.float64),
                          "exp_avg": {k: opt.state[p]["exp_avg"].clone() for k, p in ref_params.items()},
                          "exp_avg_sq": {k: opt.state[p]["exp_avg_sq"].clone() for k, p in ref_params.items()}}
-        params, opt_state, metrics = update(old, opt_state, batch)
+        params, opt_state, metrics = update(old, opt_state, batch, hyper)
         assert all(v.dtype == torch.float64 for v in params.values())
 
         returns = torch.from_numpy(ref_returns(batch.rewards.numpy(), episodes, args.gamma, return_type)[0])
         if normalize_returns:
             returns = ref_normalize(returns, batch.valid)
         opt.zero_grad()
-        loss, pg_loss, entropy = ref.loss(batch.obs, batch.actions, batch.valid, returns, args.ent_coef)
+        # the coefficient the update was given: train()'s hyper holds ent_coef in float32 (0.01 -> 0.00999999977)
+        loss, pg_loss, entropy = ref.loss(batch.obs, batch.actions, batch.valid, returns, float(hyper["ent_coef"]))
         loss.backward()
         total_norm = torch.nn.utils.clip_grad_norm_(list(ref_params.values()), max_grad_norm)
         clipped_any |= bool(total_norm > max_grad_norm)
@@ -492,8 +507,9 @@ def test_make_update_matches_torch_pipeline(continuous, return_type, normalize_r
 # 5. The compiled update equals the eager one, and does not recompile
 # ----------------------------------------------------------------------------------------------------------------
 
-COMPILE_ARGS = dict(gamma=0.99, return_type="episode", normalize_returns=True, ent_coef=0.01, max_grad_norm=0.5,
-                    learning_rate=1e-2, hidden_sizes=(64, 64))
+# two agents (two learning rates): the compiled graph is the vmapped update, as in a --num-seeds / grid run
+COMPILE_ARGS = dict(gamma=0.99, return_type="episode", normalize_returns=True, ent_coef=(0.01,), max_grad_norm=0.5,
+                    learning_rate=(1e-2, 3e-3), hidden_sizes=(64, 64))
 
 
 @pytest.fixture(scope="module")
@@ -503,14 +519,29 @@ def compiled_update():
 
 @pytest.mark.slow
 def test_compiled_update_matches_eager(compiled_update, compiled_vs_eager):
-    """Two updates, compiled vs eager (see tests/conftest.py for what is compared and why)."""
-    eager = rf.make_update(rf.Args(compile=False, **COMPILE_ARGS))
-    params = make_params(4, False, obs_dim=4, act_dim=2, hidden=(64, 64))
-    batches = [random_batch(20 + i, 300, 8, False, obs_dim=4, act_dim=2, max_len=60)[0] for i in range(2)]
+    """Two updates of two agents, compiled vs eager (see tests/conftest.py for what is compared and why)."""
+    args = rf.Args(compile=False, **COMPILE_ARGS)
+    eager = rf.make_update(args)
+    params = [make_params(4 + a, False, obs_dim=4, act_dim=2, hidden=(64, 64)) for a in range(2)]
+    batches = [stack_batches([random_batch(20 + 2 * i + a, 300, 8, False, obs_dim=4, act_dim=2, max_len=60)[0]
+                              for a in range(2)]) for i in range(2)]
     for batch in batches:
         assert 0 < batch.valid.mean() < 1
-    compiled_vs_eager(compiled_update, eager, rf.adam_init, params, batches, COMPILE_ARGS["learning_rate"],
-                      COMPILE_ARGS["max_grad_norm"], ("loss", "policy_loss", "entropy", "grad_norm"))
+    compiled_vs_eager(compiled_update, eager, rf, params, batches, grid_hyper(rf, args), COMPILE_ARGS["max_grad_norm"],
+                      ("loss", "policy_loss", "entropy", "grad_norm"))
+
+
+@pytest.mark.parametrize("continuous", [False, True])
+def test_vmapped_update_is_each_agents_own_update(continuous):
+    """make_update over 3 stacked agents (different parameters, batches, learning rates and entropy coefficients)
+    == make_agent_update on each agent's slice: vmap changes nothing and no agent's data leaks into another's."""
+    args = rf.Args(compile=False, gamma=0.95, return_type="reward-to-go", normalize_returns=True, max_grad_norm=0.5,
+                   learning_rate=(1e-2, 3e-2, 5e-3), ent_coef=(0.0,), hidden_sizes=HIDDEN)
+    hyper = agent_hyper([1e-2, 3e-2, 5e-3], [0.0, 0.05, 0.01])
+    params = [make_params(30 + a, continuous) for a in range(3)]
+    batches = [stack_batches([random_batch(40 + 3 * u + a, 50, 4, continuous)[0] for a in range(3)])
+               for u in range(3)]
+    check_vmapped_update(rf, args, params, batches, hyper)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -580,15 +611,17 @@ def test_policy_gradient_estimator_is_unbiased_on_exact_mdp():
     target = torch.cat([(-grad_J[k] / 2).flatten() for k in params]).double()
 
     envs = rf.make_env(CHAIN_ID, num_envs)
-    rollout = rf.Rollout(envs, num_steps=2, device=torch.device("cpu"))
+    rollout = rf.Rollout(envs, 1, 2, torch.device("cpu"))
+    stacked = rf.stack_agents([params])
     generator = torch.Generator().manual_seed(123)
     loss_grad = torch.func.grad(lambda p, b, g: rf.policy_loss(p, b, g, 0.0)[0])
     samples = {"reward-to-go": [], "episode": []}
     batch_returns = []  # mean episode return of each batch
     try:
         for i in range(num_batches):
-            batch, steps = rollout.collect(params, generator, rf.derived_seed(7, 0, i), on_episode=lambda *a: None)
-            assert steps == 2 and batch.valid.sum().item() == 2 * num_envs
+            batch, steps = rollout.collect(stacked, generator, rf.derived_seed(7, 0, i), on_episode=lambda *a: None)
+            batch = agent_batch(batch, 0)
+            assert steps.tolist() == [2] and batch.valid.sum().item() == 2 * num_envs
             assert batch.valid[:2].all() and batch.dones[1].all() and not batch.dones[0].any()
             batch_returns.append(batch.rewards.sum().item() / num_envs)
             for return_type, out in samples.items():
@@ -640,14 +673,16 @@ def test_rollout_buffer_grows_for_envs_without_time_limit(module):
 
     mod = importlib.import_module(f"funcpg.{module}")
     envs = mod.make_env(LONG_ID, 3)
-    rollout = mod.Rollout(envs, num_steps=4, device=torch.device("cpu"))
+    rollout = mod.Rollout(envs, 1, 4, torch.device("cpu"))
     assert rollout.capacity == 8
     params = mod.init_params(2, 2, (8,), False, torch.Generator().manual_seed(0))
     episodes = []
-    batch, steps = rollout.collect(params, torch.Generator().manual_seed(0), 0, lambda *e: episodes.append(e))
-    assert steps == 50 and rollout.capacity >= 50
+    batch, steps = rollout.collect(mod.stack_agents([params]), torch.Generator().manual_seed(0), 0,
+                                   lambda *e: episodes.append(e))
+    batch = agent_batch(batch, 0)
+    assert steps.tolist() == [50] and rollout.capacity >= 50
     assert batch.valid.sum().item() == 150 and bool(batch.valid.all())
-    assert [e[1:] for e in episodes] == [(50.0, 50)] * 3
+    assert sorted(episodes) == [(50, env, 50.0, 50) for env in range(3)]
     returns = mod.compute_returns(batch.rewards, batch.dones, batch.valid, 1.0, "reward-to-go")
     expected = torch.arange(50, 0, -1, dtype=torch.float32)[:, None].expand(50, 3)
     assert torch.equal(returns, expected)
