@@ -419,14 +419,10 @@ def clip_grad_norm(grads: dict[str, torch.Tensor], max_norm: float) -> tuple[dic
     return {k: g * scale for k, g in grads.items()}, norm
 
 
-def make_update(args: Args):
-    """The learning step of every agent as one pure function (params, opt_state, batch, hyper) -> (params,
-    opt_state, metrics) over stacked agents: parameters and Adam states [A, ...], batch [T, A, N, ...],
-    hyper {"learning_rate", "ent_coef"} [A]; every metric [A].
-
-    update() below is one agent's step: values, GAE scan, loss, gradient, clipping and Adam. torch.func.vmap maps
-    it over the agents, so no agent sees another's data; --compile hands the vmapped step to torch.compile as one
-    graph. Every rollout has the same shape, so it compiles once per run.
+def make_agent_update(args: Args):
+    """One agent's learning step as a pure function update(params, opt_state, batch, hyper) -> (params,
+    opt_state, metrics): values, GAE scan, loss, gradient, clipping and Adam.
+    batch [T, N, ...]; hyper {"learning_rate", "ent_coef"}: this agent's values (0-d tensors).
     """
 
     def update(params: dict[str, torch.Tensor], opt_state: dict, batch: Batch, hyper: dict[str, torch.Tensor]):
@@ -446,6 +442,19 @@ def make_update(args: Args):
                    "grad_norm": grad_norm, "finite": finite}
         return params, opt_state, metrics
 
+    return update
+
+
+def make_update(args: Args):
+    """The learning step of every agent as one pure function (params, opt_state, batch, hyper) -> (params,
+    opt_state, metrics) over stacked agents: parameters and Adam states [A, ...], batch [T, A, N, ...],
+    hyper {"learning_rate", "ent_coef"} [A]; every metric [A].
+
+    torch.func.vmap maps make_agent_update's step over the agents, so no agent sees another's data; --compile
+    hands the vmapped step to torch.compile as one graph. Its inputs have the same shapes every batch, so it
+    compiles once per run.
+    """
+    update = make_agent_update(args)
     batched = vmap(update, in_dims=(0, 0, 1, 0))  # the batch's agent dimension is dim 1: [T, A, N, ...]
     if args.compile:
         return torch.compile(batched, fullgraph=True)
@@ -454,6 +463,8 @@ def make_update(args: Args):
 
     def one_agent(params: dict[str, torch.Tensor], opt_state: dict, batch: Batch, hyper: dict[str, torch.Tensor]):
         """The same step for a lone agent without vmap, whose eager dispatch costs ~2 ms per update here."""
+        if batch.rewards.shape[1] != 1:
+            raise ValueError(f"make_update({agent_grid(args)}) got a batch of {batch.rewards.shape[1]} agents")
         params, opt_state, metrics = update(agent_slice(params, 0), agent_slice(opt_state, 0),
                                             Batch(*(x[:, 0] for x in batch)), agent_slice(hyper, 0))
         return stack_agents([params]), stack_agents([opt_state]), stack_agents([metrics])
@@ -963,6 +974,11 @@ def validate(args: Args) -> None:
             raise ValueError(f"--seed {args.seed} --num-seeds {args.num_seeds} with {len(args.learning_rate)} "
                              f"learning rate(s) and {len(args.ent_coef)} ent-coef(s) give agent seeds {seeds}; the "
                              f"checkpoint's agents have seeds {saved_seeds}")
+        grid = len(args.learning_rate) > 1 or len(args.ent_coef) > 1
+        if (grid or len(checkpoint["agents"]) != len(set(saved_seeds))) and checkpoint["agents"] != agent_grid(args):
+            raise ValueError(f"--learning-rate {' '.join(map(str, args.learning_rate))} --ent-coef "
+                             f"{' '.join(map(str, args.ent_coef))}: a grid run resumes with its own values "
+                             f"(its rows are tagged with them); the checkpoint's agents are {checkpoint['agents']}")
         if checkpoint["args"].get("shared_trunk") != args.shared_trunk:
             raise ValueError(f"--shared-trunk {args.shared_trunk}: the checkpoint was trained with "
                              f"--shared-trunk {checkpoint['args'].get('shared_trunk')}")

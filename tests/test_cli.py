@@ -101,8 +101,25 @@ def snapshot(root: Path) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-def load_checkpoint(path: Path) -> dict:
+def load_raw_checkpoint(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def load_checkpoint(path: Path) -> dict:
+    """A one-agent run's checkpoint as that agent's state. The scripts stack every agent's parameters and Adam
+    state along a leading agent dimension and keep per-agent lists (global_step of the REINFORCE scripts,
+    recent_returns, the learning-rate and ent-coef values); tests/test_num_seeds.py reads those raw."""
+    ckpt = load_raw_checkpoint(path)
+    assert len(ckpt["agents"]) == 1, f"expected a one-agent checkpoint: {ckpt['agents']}"
+
+    def agent0(tree):
+        return {k: agent0(v) for k, v in tree.items()} if isinstance(tree, dict) else tree[0]
+
+    assert all(p.shape[0] == 1 for p in ckpt["params"].values())
+    step = ckpt["global_step"]
+    args = {**ckpt["args"], "learning_rate": ckpt["args"]["learning_rate"][0], "ent_coef": ckpt["args"]["ent_coef"][0]}
+    return {**ckpt, "params": agent0(ckpt["params"]), "opt_state": agent0(ckpt["opt_state"]), "args": args,
+            "global_step": step[0] if isinstance(step, list) else step, "recent_returns": ckpt["recent_returns"][0]}
 
 
 def read_config(run_dir: Path) -> dict:
@@ -709,7 +726,7 @@ def test_runs_on_other_envs_and_flags(tmp_path, flags, script):
     config = read_config(tmp_path / "run")
     assert config["env_id"] == (flags[flags.index("--env-id") + 1] if "--env-id" in flags else "CartPole-v1")
     if "--ent-coef" in flags:
-        assert config["ent_coef"] == 0.01 and config["eval_temperature"] == 1
+        assert config["ent_coef"] == [0.01] and config["eval_temperature"] == 1
 
 
 def _reinforce_return_type(run_dir, config, ckpt, updates):

@@ -21,7 +21,8 @@ import numpy as np
 import pytest
 import torch
 import torch._dynamo
-from test_cli import (AC, CRITIC, EXACT_RESUME, RB, SCRIPTS, R, assert_ok, describe, load_checkpoint, read_config,
+from test_cli import load_raw_checkpoint as load_checkpoint
+from test_cli import (AC, CRITIC, EXACT_RESUME, RB, SCRIPTS, R, assert_ok, describe, read_config,
                       read_csv, run_script, without)
 
 
@@ -286,6 +287,26 @@ def test_resume_refuses_another_number_of_agents(tmp_path, script):
     lines = [line for line in r.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:") and "--num-seeds 3" in lines[0], describe(r)
     assert (tmp_path / "run" / "updates.csv").read_bytes() == before
+
+
+def test_grid_run_resumes_only_with_its_own_values(tmp_path):
+    """A grid's rows are tagged with its values, so resuming it with others (same agent count) is refused; with
+    its own values it continues."""
+    grid = ["--learning-rate", "1e-3", "2e-3"]
+    assert_ok(run_script(R, *grid, "--total-timesteps", 500, "--eval-every", 0, "--run-dir", "run", "--quiet",
+                         cwd=tmp_path))
+    before = (tmp_path / "run" / "updates.csv").read_bytes()
+    r = run_script(R, "--resume", tmp_path / "run" / "checkpoint.pt", "--learning-rate", "1e-3",
+                   "--ent-coef", "0", "0.1", cwd=tmp_path)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, describe(r)
+    assert r.stderr.startswith("error: --learning-rate 0.001 --ent-coef 0.0 0.1"), describe(r)
+    assert (tmp_path / "run" / "updates.csv").read_bytes() == before
+    _, rows_before = read_csv(tmp_path / "run" / "updates.csv")
+    assert_ok(run_script(R, "--resume", tmp_path / "run" / "checkpoint.pt", "--total-timesteps", 3000, "--quiet",
+                         cwd=tmp_path))
+    _, rows = read_csv(tmp_path / "run" / "updates.csv")
+    assert {(row["learning_rate"], row["ent_coef"]) for row in rows} == {("0.001", "0"), ("0.002", "0")}
+    assert rows[: len(rows_before)] == rows_before and len(rows) > len(rows_before), "rows before the resume lost"
 
 
 # ----------------------------------------------------------------------------------------------------------------
