@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import importlib
 import math
-import shutil
 from collections import Counter, defaultdict
 
 import numpy as np
