@@ -2,7 +2,8 @@
 
 Everything is measured in one invocation, side by side, so that ratios hold on a noisy shared machine.
 Parts (--parts, any subset):
-  ceiling    raw environment steps/s with random actions, for the vector env the scripts train on (8 and 16 envs)
+  ceiling    raw environment steps/s with random actions, for the vector env the scripts train on (8 and 16 envs,
+             and --num-envs); the parts below take their ratios to the ceiling from this same invocation
   threshold  per algorithm and seed, through the command line as a user runs it with default flags: env steps
              and wall seconds until the mean of the last 100 training returns reaches --threshold, and steps/s
   sb3        the same for Stable-Baselines3 A2C with its defaults, in this process (needs stable-baselines3)
@@ -12,10 +13,21 @@ Parts (--parts, any subset):
   compile    the same training run end to end with --no-compile, --compile on a cold Inductor cache and
              --compile on a warm one; and the update (scan + loss + grad + Adam) and the return scan alone,
              eager vs compiled, in microseconds per call at the default batch shape
+  throughput per algorithm, training steps/s through the command line at --num-envs (8) with default flags
+             otherwise, --no-compile and --compile (warm cache), and its ratio to the env ceiling at as many envs
+  seeds      per algorithm, aggregate steps/s of K = 1, 4, 16, 64 seeds trained in one process (--num-seeds K)
+             and its ratio to K single-seed runs one after another, --no-compile and --compile (warm cache)
+  scan       the return scan discounted_scan at N x T = 8x128, 16x256, 64x1024: microseconds per call of a
+             Python loop over t, of discounted_scan eagerly and compiled; and its compile seconds, cold and warm
+  memory     per algorithm, the peak resident memory of a default training run (one process), and with
+             --num-seeds 16
+Parts with a target (throughput, seeds, scan, memory) print it with "met" or "missed" (also under "targets"
+in the JSON).
 
     python funcpg/benchmark.py                       # everything, CartPole-v1, 5 seeds
     python funcpg/benchmark.py --parts threshold --seeds 10
     python funcpg/benchmark.py --quick               # tiny sizes: checks that it runs, numbers mean little
+    python funcpg/benchmark.py --parts throughput seeds --algos actor_critic --compile-modes eager
 """
 
 from __future__ import annotations
@@ -30,7 +42,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Literal, Optional
+from typing import Literal, NamedTuple, Optional
 
 import gymnasium as gym
 import numpy as np
@@ -39,7 +51,15 @@ import tyro
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ALGORITHMS = ["reinforce", "reinforce_baseline", "actor_critic"]
-Part = Literal["ceiling", "threshold", "compile", "sb3", "pendulum", "acrobot"]
+Part = Literal["ceiling", "threshold", "compile", "sb3", "pendulum", "acrobot", "throughput", "seeds", "scan", "memory"]
+CompileMode = Literal["eager", "compiled"]
+COMPILE_FLAG = {"eager": "--no-compile", "compiled": "--compile"}
+SCAN_SHAPES = ((8, 128), (16, 256), (64, 1024))  # (N, T) of the scan part; --quick measures the first only
+# the targets the parts check (an issue's acceptance criteria)
+THROUGHPUT_TARGET = 0.40  # actor_critic's training steps/s at 8 envs, as a fraction of the 8-env ceiling
+SEEDS_TARGET = (16, 8.0)  # 16 seeds in one process train >= 8x as many steps/s as one seed
+SCAN_TARGET = ((64, 1024), 10.0)  # the compiled scan >= 10x faster than the Python loop at N x T = 64x1024
+MEMORY_TARGET_MB = 600.0  # peak resident memory of a default (one-seed) run
 # actor_critic's flags for Pendulum-v1 (its defaults are tuned for CartPole); see the README
 PENDULUM_FLAGS = ["--num-envs", "8", "--num-steps", "8", "--gamma", "0.9", "--gae-lambda", "0.9",
                   "--learning-rate", "0.003", "--no-normalize-advantages"]
@@ -51,7 +71,8 @@ class BenchArgs:
     """environment to measure on"""
     algos: tuple[str, ...] = tuple(ALGORITHMS)
     """algorithm scripts to measure (files funcpg/{algo}.py)"""
-    parts: tuple[Part, ...] = ("ceiling", "threshold", "compile", "sb3", "pendulum", "acrobot")
+    parts: tuple[Part, ...] = ("ceiling", "threshold", "compile", "sb3", "pendulum", "acrobot", "throughput", "seeds",
+                               "scan", "memory")
     """which measurements to run"""
     seeds: int = 5
     """seeds 1..N per algorithm for the threshold part"""
@@ -62,7 +83,19 @@ class BenchArgs:
     compile_steps: int = 200_000
     """training steps of each end-to-end run in the compile part"""
     num_envs: int = 8
-    """vector env size for the compile part's runs"""
+    """vector env size of the compile, throughput and seeds parts' runs (ratios use the ceiling at this size)"""
+    compile_modes: tuple[CompileMode, ...] = ("eager", "compiled")
+    """training runs of the throughput and seeds parts: --no-compile (eager) and/or --compile (on a warm cache)"""
+    throughput_steps: int = 200_000
+    """training steps of each throughput run"""
+    seed_counts: tuple[int, ...] = (1, 4, 16, 64)
+    """K of the seeds part (--num-seeds K); K = 1 is always measured, as the single-seed reference"""
+    seed_steps: int = 50_000
+    """env steps per seed of each seeds-part run (a run of K seeds takes K times as many env steps)"""
+    memory_steps: int = 100_000
+    """training steps of each memory-part run"""
+    memory_num_seeds: int = 16
+    """the memory part also measures a run with --num-seeds this many (1 = only the default run)"""
     quick: bool = False
     """tiny sizes for a smoke test (CI); the numbers are not meaningful"""
     out: Optional[str] = None
@@ -87,27 +120,45 @@ def read_csv(path: str) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-def run_script(algo: str, flags: list[str], env: Optional[dict] = None) -> float:
-    """Run funcpg/{algo}.py as a user does; returns the process's wall seconds."""
+class Process(NamedTuple):
+    seconds: float  # wall seconds of the whole process: start-up and imports included
+    peak_mb: float  # peak resident memory of that process alone (its ru_maxrss), in MiB
+
+
+def run_script(algo: str, flags: list[str], env: Optional[dict] = None) -> Process:
+    """Run funcpg/{algo}.py as a user does (python funcpg/{algo}.py --quiet FLAGS) and wait for it.
+
+    os.wait4 returns the resource usage of exactly that child, so ru_maxrss (KiB on Linux) is its own peak
+    resident memory, not that of this process or of other children.
+    """
     start = time.perf_counter()
-    subprocess.run([sys.executable, os.path.join(HERE, f"{algo}.py"), "--quiet", *flags], check=True,
-                   env={**os.environ, **(env or {})})
-    return time.perf_counter() - start
+    process = subprocess.Popen([sys.executable, os.path.join(HERE, f"{algo}.py"), "--quiet", *flags],
+                               env={**os.environ, **(env or {})})
+    _, status, usage = os.wait4(process.pid, 0)
+    seconds = time.perf_counter() - start
+    process.returncode = os.waitstatus_to_exitcode(status)  # reaped here: Popen must not wait for it again
+    if process.returncode != 0:
+        raise subprocess.CalledProcessError(process.returncode, process.args)
+    return Process(seconds, usage.ru_maxrss / 1024)
 
 
-def bench_ceiling(args: BenchArgs, module, num_envs: int) -> dict:
-    """Raw env steps/s with random actions through the same vector env the script builds."""
+def bench_ceiling(args: BenchArgs, module, num_envs: int, windows: int = 5) -> dict:
+    """Raw env steps/s with random actions through the same vector env the script builds: the best of `windows`
+    equal stretches of vector steps (other processes on a shared machine only ever slow a stretch down, and a
+    ratio to a depressed ceiling would flatter the training runs), and their median."""
     envs = module.make_env(args.env_id, num_envs)
     envs.action_space.seed(0)
     envs.reset(seed=0)
     actions = [envs.action_space.sample() for _ in range(256)]
-    vector_steps = 200 if args.quick else 20_000
-    start = time.perf_counter()
-    for i in range(vector_steps):
-        envs.step(actions[i % len(actions)])
-    elapsed = time.perf_counter() - start
+    vector_steps = 40 if args.quick else 4_000  # per window
+    rates = []
+    for _ in range(windows):
+        start = time.perf_counter()
+        for i in range(vector_steps):
+            envs.step(actions[i % len(actions)])
+        rates.append(vector_steps * num_envs / (time.perf_counter() - start))
     envs.close()
-    return {"env_steps_per_s": vector_steps * num_envs / elapsed, "num_envs": num_envs}
+    return {"env_steps_per_s": max(rates), "median_env_steps_per_s": float(np.median(rates)), "num_envs": num_envs}
 
 
 def summarize(runs: list[dict]) -> dict:
@@ -130,7 +181,7 @@ def bench_threshold(algo: str, env_id: str, threshold: Optional[float], max_step
         target = ["--target-return", str(threshold)] if threshold is not None else []
         process_seconds = run_script(algo, ["--env-id", env_id, "--seed", str(seed), "--total-timesteps", str(max_steps),
                                             *target, "--eval-every", "0", "--save-every", "0", "--run-dir", run_dir,
-                                            *flags])
+                                            *flags]).seconds
         episodes, updates = read_csv(os.path.join(run_dir, "episodes.csv")), read_csv(os.path.join(run_dir, "updates.csv"))
         hit = steps_to_threshold(episodes, threshold) if threshold is not None else None
         last = updates[-1]
@@ -178,7 +229,7 @@ def bench_compile(args: BenchArgs, algo: str, module, workdir: str) -> dict:
     end_to_end = {}
     for name, extra in [("eager", ["--no-compile"]), ("compiled_cold", ["--compile"]), ("compiled_warm", ["--compile"])]:
         end_to_end[name] = run_script(algo, [*flags, *extra, "--run-dir", os.path.join(workdir, f"{algo}_{name}")],
-                                      env={"TORCHINDUCTOR_CACHE_DIR": cache})
+                                      env={"TORCHINDUCTOR_CACHE_DIR": cache}).seconds
 
     # per call, at the default batch shape, on a batch from a real rollout
     torch.set_num_threads(1)
@@ -186,22 +237,27 @@ def bench_compile(args: BenchArgs, algo: str, module, workdir: str) -> dict:
     envs = module.make_env(args.env_id, args.num_envs)
     space = envs.single_action_space
     continuous = isinstance(space, gym.spaces.Box)
-    params = module.init_params(envs.single_observation_space.shape[0], space.shape[0] if continuous else int(space.n),
-                                margs.hidden_sizes, continuous, torch.Generator().manual_seed(0))
+    # one agent, stacked [A = 1, ...] as train() holds it; its update is the one a default run makes
+    params = module.stack_agents([module.init_params(envs.single_observation_space.shape[0],
+                                                     space.shape[0] if continuous else int(space.n),
+                                                     margs.hidden_sizes, continuous, torch.Generator().manual_seed(0))])
+    opt_state = module.stack_agents([module.adam_init(module.agent_slice(params, 0))])
+    hyper = {"learning_rate": torch.tensor(margs.learning_rate[:1], dtype=torch.float64),
+             "ent_coef": torch.tensor(margs.ent_coef[:1])}
     generator, cpu = torch.Generator().manual_seed(0), torch.device("cpu")
     if algo == "actor_critic":  # fixed-size rollouts of envs that run on
-        batch, _ = module.Rollout(envs, margs.num_steps, cpu, 0).collect(params, generator, lambda *a: None)
+        batch, _ = module.Rollout(envs, 1, margs.num_steps, cpu, 0).collect(params, generator, lambda *a: None)
     else:  # batches of complete episodes, padded to the buffer's capacity as under --compile
-        batch, _ = module.Rollout(envs, margs.num_steps, cpu, fixed_shape=True).collect(params, generator, 0,
-                                                                                       lambda *a: None)
+        batch, _ = module.Rollout(envs, 1, margs.num_steps, cpu, fixed_shape=True).collect(params, generator, 0,
+                                                                                          lambda *a: None)
     envs.close()
-    opt_state = module.adam_init(params)
+    rewards, dones = batch.rewards[:, 0], batch.dones[:, 0]  # [T, N]: the scan runs per agent
     repeat = 5 if args.quick else 100
-    per_call = {"batch_shape": list(batch.rewards.shape)}
+    per_call = {"batch_shape": list(rewards.shape)}
     for name in ("update", "scan"):
         eager = module.make_update(margs) if name == "update" else module.discounted_scan
-        inputs = (params, opt_state, batch) if name == "update" else (batch.rewards, margs.gamma * (1 - batch.dones),
-                                                                         torch.zeros_like(batch.rewards[0]))
+        inputs = ((params, opt_state, batch, hyper) if name == "update"
+                  else (rewards, margs.gamma * (1 - dones), torch.zeros_like(rewards[0])))
         compiled = (module.make_update(dataclasses.replace(margs, compile=True)) if name == "update"
                     else torch.compile(module.discounted_scan, fullgraph=True))
         start = time.perf_counter()
@@ -210,6 +266,175 @@ def bench_compile(args: BenchArgs, algo: str, module, workdir: str) -> dict:
         per_call[f"{name}_eager_us"] = time_calls(eager, *inputs, repeat=repeat)
         per_call[f"{name}_compiled_us"] = time_calls(compiled, *inputs, repeat=repeat)
     return {"steps": steps, "end_to_end_s": end_to_end, "per_call": per_call}
+
+
+def training_speed(run_dir: str) -> dict:
+    """Training steps/s of a finished run, from its updates.csv: one row per update (per seed with --num-seeds).
+
+    A row's global_step counts the env steps of its seed, and wall_time is seconds since training began: the
+    process's start-up, imports, env creation and parameter init come before that clock starts, so they are
+    excluded; the first update (which compiles under --compile) is included. steps_per_s is the seeds' final
+    global_steps summed, over the final wall_time (the seeds of a run share one clock, and the REINFORCE
+    scripts' seeds may end at different steps). steps_per_s_after_first_update leaves out the first update's
+    steps and seconds, and with them the compile (nan for a run of one update).
+    """
+    by_seed: dict[str, list[tuple[int, float]]] = {}
+    for row in read_csv(os.path.join(run_dir, "updates.csv")):
+        by_seed.setdefault(row["seed"], []).append((int(row["global_step"]), float(row["wall_time"])))
+    first, last = [min(rows) for rows in by_seed.values()], [max(rows) for rows in by_seed.values()]
+    steps, seconds = sum(step for step, _ in last), max(wall for _, wall in last)
+    later_steps, later_seconds = steps - sum(step for step, _ in first), seconds - max(wall for _, wall in first)
+    return {"seeds": len(by_seed), "updates": max(len(rows) for rows in by_seed.values()), "steps": steps,
+            "seconds": seconds, "steps_per_s": steps / seconds,
+            "steps_per_s_after_first_update": later_steps / later_seconds if later_seconds > 0 else float("nan")}
+
+
+class TrainingRuns:
+    """Training runs through the command line for the throughput and seeds parts, measured by training_speed.
+
+    Each run has the script's default flags except --env-id, --num-envs, --total-timesteps, --num-seeds (when
+    K > 1), --eval-every 0 and --save-every 0, and --no-compile or --compile. The --compile runs share one
+    Inductor cache (TORCHINDUCTOR_CACHE_DIR) for the whole invocation, warmed by a one-update run of the same
+    script, env count and K first (as in the compile part), so a measured run does not compile cold: it still
+    traces its update and loads the compiled code from the cache, a few seconds inside its first update.
+    """
+
+    def __init__(self, env_id: str, num_envs: int, workdir: str):
+        self.env_id, self.num_envs, self.workdir = env_id, num_envs, workdir
+        self.env = {"TORCHINDUCTOR_CACHE_DIR": tempfile.mkdtemp(prefix="inductor_cache_", dir=workdir)}
+        self.warmed: set[tuple[str, int]] = set()
+
+    def speed(self, algo: str, mode: CompileMode, steps: int, num_seeds: int = 1) -> dict:
+        """training_speed of one run of `steps` env steps per seed, plus the whole process's wall seconds."""
+        flags = ["--env-id", self.env_id, "--num-envs", str(self.num_envs), "--eval-every", "0", "--save-every", "0",
+                 COMPILE_FLAG[mode], *(["--num-seeds", str(num_seeds)] if num_seeds > 1 else [])]
+        name = f"{algo}_{mode}_{num_seeds}seeds_"
+        if mode == "compiled" and (algo, num_seeds) not in self.warmed:
+            run_script(algo, [*flags, "--total-timesteps", "1", "--run-dir", self.run_dir(name + "warmup_")], self.env)
+            self.warmed.add((algo, num_seeds))
+        run_dir = self.run_dir(name)
+        process = run_script(algo, [*flags, "--total-timesteps", str(steps), "--run-dir", run_dir], self.env)
+        return {"mode": mode, "num_seeds": num_seeds, "num_envs": self.num_envs, **training_speed(run_dir),
+                "process_seconds": process.seconds}
+
+    def run_dir(self, prefix: str) -> str:
+        return tempfile.mkdtemp(prefix=prefix, dir=self.workdir)
+
+
+def bench_throughput(runs: TrainingRuns, algo: str, modes: tuple[CompileMode, ...], steps: int, ceiling: dict) -> dict:
+    """Training steps/s of one seed at runs.num_envs envs, per compile mode, and its fraction of the env ceiling."""
+    out = {}
+    for mode in modes:
+        out[mode] = runs.speed(algo, mode, steps)
+        out[mode]["ceiling_fraction"] = out[mode]["steps_per_s"] / ceiling["env_steps_per_s"]
+    return out
+
+
+def bench_seeds(runs: TrainingRuns, algo: str, modes: tuple[CompileMode, ...], steps: int, counts: list[int]) -> dict:
+    """Aggregate steps/s (all seeds) of K seeds in one process, per compile mode and K, and its ratio to one
+    seed's steps/s (K = 1, the default run, measured here too): how much faster K seeds train together than
+    K single-seed runs one after another. vs_sequential_after_first_update is the same ratio without the first
+    update (under --compile, the warm compile, which a short single-seed run pays for in full)."""
+    out = {}
+    for mode in modes:
+        out[mode] = [runs.speed(algo, mode, steps, k) for k in counts]
+        single = out[mode][0]
+        for r in out[mode]:
+            r["vs_sequential"] = r["steps_per_s"] / single["steps_per_s"]
+            r["vs_sequential_after_first_update"] = (r["steps_per_s_after_first_update"]
+                                                     / single["steps_per_s_after_first_update"])
+    return out
+
+
+def reference_scan(x: torch.Tensor, a: torch.Tensor, init: torch.Tensor) -> torch.Tensor:
+    """y_t = x_t + a_t * y_{t+1} for t = T-1, ..., 0 with y_T = init, as a plain Python loop over t of eager
+    torch ops: the baseline that discounted_scan's recursive doubling replaces."""
+    out = torch.empty_like(x)
+    y = init
+    for t in reversed(range(x.shape[0])):
+        y = x[t] + a[t] * y
+        out[t] = y
+    return out
+
+
+def scan_inputs(num_envs: int, length: int, gamma: float = 0.99) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(x, a, init) as a rollout of T = length steps on N = num_envs envs gives them: x ~ N(0, 1) (like TD
+    residuals), a = gamma * (1 - done) with done ~ Bernoulli(0.02), init ~ N(0, 1) (a bootstrap value)."""
+    generator = torch.Generator().manual_seed(0)
+    dones = torch.bernoulli(torch.full((length, num_envs), 0.02), generator=generator)
+    return (torch.randn(length, num_envs, generator=generator), gamma * (1.0 - dones),
+            torch.randn(num_envs, generator=generator))
+
+
+def compile_scan(algo: str, num_envs: int, length: int):
+    """torch.compile(discounted_scan, fullgraph=True, dynamic=False) of funcpg/{algo}.py, compiled for one shape
+    by a first call; returns (the compiled function, the first call's seconds, i.e. the compile)."""
+    module = load_script(algo)
+    importlib.import_module("torch._dynamo")  # as the scripts do: importing it is set-up, not compiling
+    compiled = torch.compile(module.discounted_scan, fullgraph=True, dynamic=False)
+    inputs = scan_inputs(num_envs, length)
+    start = time.perf_counter()
+    compiled(*inputs)
+    return compiled, time.perf_counter() - start
+
+
+# run in a fresh interpreter, so that no compiled code from this process hides the compile
+COMPILE_SCAN_PROBE = """import sys, torch
+sys.path.insert(0, {here!r})
+import benchmark
+torch.set_num_threads(1)
+print(benchmark.compile_scan({algo!r}, {num_envs}, {length})[1])
+"""
+
+
+def scan_compile_seconds(algo: str, num_envs: int, length: int, cache: str) -> float:
+    """compile_scan's compile seconds in a new Python process with TORCHINDUCTOR_CACHE_DIR=cache."""
+    probe = COMPILE_SCAN_PROBE.format(here=HERE, algo=algo, num_envs=num_envs, length=length)
+    done = subprocess.run([sys.executable, "-c", probe], check=True, capture_output=True, text=True,
+                          env={**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache})
+    return float(done.stdout.split()[-1])
+
+
+def bench_scan(algo: str, shapes: tuple[tuple[int, int], ...], repeat: int, workdir: str) -> dict:
+    """The return scan of funcpg/{algo}.py (the same code in every script) per N x T shape: median microseconds per
+    call of reference_scan, of discounted_scan eagerly and of compile_scan's function (after checking that the
+    three agree), and the compile's seconds in a new process on an empty Inductor cache (cold) and then again on
+    the cache that run filled (warm). Each shape gets its own compiled function with dynamic=False (dynamo's
+    cache is reset first), so every call times the same specialized kernel: no recompiles, no dynamic shapes."""
+    import torch._dynamo
+
+    module = load_script(algo)
+    out = []
+    for num_envs, length in shapes:
+        inputs = scan_inputs(num_envs, length)
+        torch._dynamo.reset()
+        compiled, first_call_s = compile_scan(algo, num_envs, length)
+        expected = reference_scan(*inputs)
+        # recursive doubling sums in another order than the loop: float32 rounding over up to T terms
+        for fn in (module.discounted_scan, compiled):
+            torch.testing.assert_close(fn(*inputs), expected, rtol=1e-5, atol=1e-5)
+        graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        times = {f"{name}_us": time_calls(fn, *inputs, repeat=repeat)
+                 for name, fn in (("loop", reference_scan), ("eager", module.discounted_scan), ("compiled", compiled))}
+        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs, "the compiled scan recompiled"
+        cache = tempfile.mkdtemp(prefix="inductor_cache_scan_", dir=workdir)
+        out.append({"num_envs": num_envs, "length": length, **times,
+                    "compiled_speedup_vs_loop": times["loop_us"] / times["compiled_us"],
+                    "first_compiled_call_in_process_s": first_call_s,
+                    "compile_cold_s": scan_compile_seconds(algo, num_envs, length, cache),
+                    "compile_warm_s": scan_compile_seconds(algo, num_envs, length, cache)})
+    return {"script": algo, "shapes": out}
+
+
+def bench_memory(algo: str, env_id: str, steps: int, seed_counts: list[int], workdir: str) -> dict:
+    """Peak resident memory (MiB) of a training run with default flags (python funcpg/{algo}.py --quiet
+    --total-timesteps steps, and --num-seeds K for K > 1), of that process alone (run_script's ru_maxrss)."""
+    peaks = []
+    for k in seed_counts:
+        flags = ["--env-id", env_id, "--total-timesteps", str(steps), *(["--num-seeds", str(k)] if k > 1 else []),
+                 "--run-dir", tempfile.mkdtemp(prefix=f"{algo}_memory_{k}seeds_", dir=workdir)]
+        peaks.append({"num_seeds": k, "peak_mb": run_script(algo, flags).peak_mb})
+    return {"steps": steps, "runs": peaks}
 
 
 def load_script(algo: str):
@@ -222,7 +447,8 @@ def load_script(algo: str):
 def main() -> None:
     args = tyro.cli(BenchArgs, description=__doc__.split("\n\n")[0])
     if args.quick:
-        args = dataclasses.replace(args, seeds=1)
+        args = dataclasses.replace(args, seeds=1, throughput_steps=20_000, seed_counts=(1, 4), seed_steps=5_000,
+                                   memory_steps=5_000)
     torch.set_num_threads(1)
     result = {"env_id": args.env_id, "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
               "torch": torch.__version__, "gymnasium": gym.__version__, "quick": args.quick, "num_threads": 1}
@@ -230,11 +456,24 @@ def main() -> None:
     rows = []
     max_steps = 20_000 if args.quick else args.max_steps
     seeds = list(range(1, args.seeds + 1))
+    ceilings: dict[int, dict] = {}
+
+    def ceiling(num_envs: int) -> dict:
+        """The env ceiling at num_envs envs, measured (and printed) once per invocation, when first needed."""
+        if num_envs not in ceilings:
+            ceilings[num_envs] = c = bench_ceiling(args, load_script(args.algos[0]), num_envs)
+            result.setdefault("ceiling", []).append(c)
+            rows.append((f"env ceiling, {num_envs} envs (random actions)", f"{c['env_steps_per_s']:,.0f} steps/s",
+                         f"best of 5 stretches; median {c['median_env_steps_per_s']:,.0f}"))
+        return ceilings[num_envs]
+
+    def target(what: str, met: bool, value: str) -> None:
+        result.setdefault("targets", []).append({"target": what, "met": met, "value": value})
+        rows.append((f"target: {what}", "met" if met else "missed", value))
+
     if "ceiling" in args.parts:
-        module = load_script(args.algos[0])
-        result["ceiling"] = [bench_ceiling(args, module, n) for n in (8, 16)]
-        for c in result["ceiling"]:
-            rows.append((f"env ceiling, {c['num_envs']} envs (random actions)", f"{c['env_steps_per_s']:,.0f} steps/s", ""))
+        for n in sorted({8, 16, args.num_envs}):
+            ceiling(n)
 
     def threshold_row(name: str, t: dict) -> None:
         to = (f"{t['median_steps_to_threshold']:,.0f} steps, {t['median_seconds_to_threshold']:.1f} s"
@@ -242,6 +481,7 @@ def main() -> None:
         rows.append((f"{name}: to {args.threshold:g} (median, {t['reached']}/{t['seeds']} seeds)", to,
                      f"{t['median_steps_per_s']:,.0f} steps/s"))
 
+    runs = TrainingRuns(args.env_id, args.num_envs, workdir)
     for algo in args.algos:
         module = load_script(algo)
         out = result.setdefault(algo, {})
@@ -258,6 +498,50 @@ def main() -> None:
             for name in ("update", "scan"):
                 rows.append((f"{algo}: {name} per call {tuple(p['batch_shape'])}", f"eager {p[f'{name}_eager_us']:,.0f} us",
                              f"compiled {p[f'{name}_compiled_us']:,.0f} us"))
+        if "throughput" in args.parts:
+            out["throughput"] = bench_throughput(runs, algo, args.compile_modes, args.throughput_steps,
+                                                 ceiling(args.num_envs))
+            for mode, r in out["throughput"].items():
+                rows.append((f"{algo}: training, {args.num_envs} envs, {mode}", f"{r['steps_per_s']:,.0f} steps/s",
+                             f"{r['ceiling_fraction']:.0%} of the env ceiling; "
+                             f"{r['steps_per_s_after_first_update']:,.0f} steps/s after the first update"))
+                if algo == "actor_critic":
+                    target(f"actor_critic, {args.num_envs} envs, {mode} >= {THROUGHPUT_TARGET:.0%} of the env ceiling",
+                           r["ceiling_fraction"] >= THROUGHPUT_TARGET, f"{r['ceiling_fraction']:.0%}")
+        if "seeds" in args.parts:
+            counts = sorted({1, *args.seed_counts})
+            out["seeds"] = bench_seeds(runs, algo, args.compile_modes, args.seed_steps, counts)
+            for mode, rs in out["seeds"].items():
+                for r in rs:
+                    k = r["num_seeds"]
+                    rows.append((f"{algo}: {k} seed{'s' if k > 1 else ''} x {args.num_envs} envs, {mode}",
+                                 f"{r['steps_per_s']:,.0f} steps/s (all seeds)",
+                                 f"{r['vs_sequential']:.1f}x one seed; after the first update "
+                                 f"{r['vs_sequential_after_first_update']:.1f}x"))
+                k, times = SEEDS_TARGET
+                for r in (r for r in rs if r["num_seeds"] == k):
+                    target(f"{algo}, {k} seeds, {mode} >= {times:g}x one seed's steps/s", r["vs_sequential"] >= times,
+                           f"{r['vs_sequential']:.1f}x")
+        if "memory" in args.parts:
+            counts = sorted({1, args.memory_num_seeds})
+            out["memory"] = m = bench_memory(algo, args.env_id, args.memory_steps, counts, workdir)
+            one, *more = m["runs"]
+            rows.append((f"{algo}: peak memory, {m['steps']:,} steps, default flags", f"{one['peak_mb']:,.0f} MB",
+                         "; ".join(f"--num-seeds {r['num_seeds']}: {r['peak_mb']:,.0f} MB" for r in more)))
+            target(f"{algo}, default run < {MEMORY_TARGET_MB:g} MB", one["peak_mb"] < MEMORY_TARGET_MB,
+                   f"{one['peak_mb']:,.0f} MB")
+    if "scan" in args.parts:
+        shapes = SCAN_SHAPES[:1] if args.quick else SCAN_SHAPES
+        result["scan"] = bench_scan(args.algos[0], shapes, 5 if args.quick else 100, workdir)
+        for r in result["scan"]["shapes"]:
+            rows.append((f"return scan {r['num_envs']}x{r['length']} (N x T), per call",
+                         f"loop {r['loop_us']:,.0f} us, eager {r['eager_us']:,.0f} us",
+                         f"compiled {r['compiled_us']:,.1f} us ({r['compiled_speedup_vs_loop']:,.1f}x the loop); "
+                         f"compile cold {r['compile_cold_s']:.1f} s, warm {r['compile_warm_s']:.1f} s"))
+            (n, t), times = SCAN_TARGET
+            if (r["num_envs"], r["length"]) == (n, t):
+                target(f"compiled scan at {n}x{t} >= {times:g}x faster than the loop",
+                       r["compiled_speedup_vs_loop"] >= times, f"{r['compiled_speedup_vs_loop']:,.1f}x")
     if "sb3" in args.parts:
         result["sb3_a2c"] = t = bench_sb3(args.env_id, args.threshold, max_steps, [s - 1 for s in seeds], "default")
         threshold_row("SB3 A2C (defaults)", t)
