@@ -125,21 +125,36 @@ class Process(NamedTuple):
     peak_mb: float  # peak resident memory of that process alone (its ru_maxrss), in MiB
 
 
-def run_script(algo: str, flags: list[str], env: Optional[dict] = None) -> Process:
-    """Run funcpg/{algo}.py as a user does (python funcpg/{algo}.py --quiet FLAGS) and wait for it.
+# Started by run_script: runs the command given after the output path with subprocess.Popen, waits for it with
+# os.wait4(pid, 0), writes the rusage's ru_maxrss (KiB on Linux) to the output path, and exits with its status.
+# Why a go-between: on Linux a child's ru_maxrss also counts the address space it ran in before its exec, which is
+# a copy of its parent's (fork) or the parent's own (vfork, as subprocess uses): a script started by this process
+# directly would report at least this process's size or peak (torch, compiled code, ...). This small interpreter
+# (~10 MB) is the parent instead, so the script's peak is its own.
+PEAK_RSS_WRAPPER = """import os, subprocess, sys
+process = subprocess.Popen(sys.argv[2:])
+_, status, usage = os.wait4(process.pid, 0)
+with open(sys.argv[1], "w") as f:
+    f.write(str(usage.ru_maxrss))
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
 
-    os.wait4 returns the resource usage of exactly that child, so ru_maxrss (KiB on Linux) is its own peak
-    resident memory, not that of this process or of other children.
-    """
-    start = time.perf_counter()
-    process = subprocess.Popen([sys.executable, os.path.join(HERE, f"{algo}.py"), "--quiet", *flags],
-                               env={**os.environ, **(env or {})})
-    _, status, usage = os.wait4(process.pid, 0)
-    seconds = time.perf_counter() - start
-    process.returncode = os.waitstatus_to_exitcode(status)  # reaped here: Popen must not wait for it again
-    if process.returncode != 0:
-        raise subprocess.CalledProcessError(process.returncode, process.args)
-    return Process(seconds, usage.ru_maxrss / 1024)
+
+def run_script(algo: str, flags: list[str], env: Optional[dict] = None) -> Process:
+    """Run funcpg/{algo}.py as a user does (python funcpg/{algo}.py --quiet FLAGS) and wait for it; returns its
+    wall seconds (with ~0.03 s for PEAK_RSS_WRAPPER, which starts it) and its peak resident memory."""
+    command = [sys.executable, os.path.join(HERE, f"{algo}.py"), "--quiet", *flags]
+    fd, peak_path = tempfile.mkstemp(prefix="peak_rss_")
+    os.close(fd)
+    try:
+        start = time.perf_counter()
+        subprocess.run([sys.executable, "-c", PEAK_RSS_WRAPPER, peak_path, *command], check=True,
+                       env={**os.environ, **(env or {})})
+        seconds = time.perf_counter() - start
+        with open(peak_path) as f:
+            return Process(seconds, int(f.read()) / 1024)
+    finally:
+        os.remove(peak_path)
 
 
 def bench_ceiling(args: BenchArgs, module, num_envs: int, windows: int = 5) -> dict:
@@ -564,9 +579,9 @@ def main() -> None:
                   if t["reached"] else "not reached")
             rows.append((f"Acrobot-v1 to -100: {name} ({t['reached']}/{t['seeds']} seeds)", to,
                          f"{t['median_steps_per_s']:,.0f} steps/s"))
-    width = max(len(r[0]) for r in rows) if rows else 0
+    width, width_a = (max((len(r[i]) for r in rows), default=0) for i in (0, 1))
     for name, a, b in rows:
-        print(f"{name:<{width}}  {a:<28} {b}")
+        print(f"{name:<{width}}  {a:<{width_a}}  {b}".rstrip())
     out_path = args.out or os.path.join("runs", f"benchmark__{args.env_id}__{int(time.time())}.json")
     os.makedirs(os.path.dirname(out_path) or ".", exist_ok=True)
     with open(out_path, "w") as f:
