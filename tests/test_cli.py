@@ -873,6 +873,11 @@ BAD_INPUT = [
     *bad([RB], ["--value-learning-rate", "0"], ["--value-learning-rate", "0"], "value-learning-rate-0"),
     *bad([AC], ["--gae-lambda", "1.5"], ["--gae-lambda", "1.5"], "gae-lambda-1.5"),
     *bad([AC], ["--vf-coef", "-1"], ["--vf-coef", "-1"], "vf-coef-negative"),
+    # several agents (--num-seeds, grids of --learning-rate / --ent-coef)
+    *bad(ALL, ["--num-seeds", "0"], ["--num-seeds", "0"], "num-seeds-0"),
+    *bad([R, AC], ["--learning-rate", "1e-3", "-1"], ["--learning-rate", "-1"], "learning-rate-grid-negative"),
+    *bad([RB, AC], ["--ent-coef", "0", "-0.1"], ["--ent-coef", "-0.1"], "ent-coef-grid-negative"),
+    *bad([R], ["--seed", "4294967295", "--num-seeds", "2"], ["--seed", "4294967295"], "seeds-past-2**32"),
     # the checkpoint to resume
     *bad([R, AC], ["--resume", "{tmp}/missing.pt"], ["missing.pt"], "resume-missing-file"),
     *bad([R, RB], ["--resume", "{tmp}/corrupt.pt"], ["corrupt.pt"], "resume-corrupt-file"),
