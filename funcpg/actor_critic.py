@@ -697,7 +697,7 @@ class Logger:
 
     def __init__(self, args: Args, run_dir: str, resume_steps: Optional[list[int]], agents: list[dict]):
         """resume_steps: each agent's global_step in the checkpoint being resumed (None for a new run)."""
-        self.args, self.run_dir, self.agents, self.files, self.writers = args, run_dir, agents, {}, {}
+        self.args, self.run_dir, self.files, self.writers = args, run_dir, {}, {}
         self.grid = len(args.learning_rate) > 1 or len(args.ent_coef) > 1
         # each agent's tag columns as written: its seed, and its hyperparameters if the run is a grid
         self.tags = [[a["seed"], *([a[k] for k in GRID_COLUMNS] if self.grid else [])] for a in agents]
@@ -977,8 +977,10 @@ def validate(args: Args) -> None:
             raise ValueError(f"--seed {args.seed} --num-seeds {args.num_seeds} with {len(args.learning_rate)} "
                              f"learning rate(s) and {len(args.ent_coef)} ent-coef(s) give agent seeds {seeds}; the "
                              f"checkpoint's agents have seeds {saved_seeds}")
-        grid = len(args.learning_rate) > 1 or len(args.ent_coef) > 1
-        if (grid or len(checkpoint["agents"]) != len(set(saved_seeds))) and checkpoint["agents"] != agent_grid(args):
+        saved_args = checkpoint["args"]
+        grid = any(len(values) > 1 for values in (args.learning_rate, args.ent_coef, saved_args["learning_rate"],
+                                                  saved_args["ent_coef"]))
+        if grid and checkpoint["agents"] != agent_grid(args):
             raise ValueError(f"--learning-rate {' '.join(map(str, args.learning_rate))} --ent-coef "
                              f"{' '.join(map(str, args.ent_coef))}: a grid run resumes with its own values "
                              f"(its rows are tagged with them); the checkpoint's agents are {checkpoint['agents']}")

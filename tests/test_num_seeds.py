@@ -19,6 +19,7 @@ from collections import Counter, defaultdict
 import numpy as np
 import pytest
 import torch
+from conftest import agent_hyper, flatten
 from test_cli import load_raw_checkpoint as load_checkpoint
 from test_cli import (AC, CRITIC, EXACT_RESUME, RB, SCRIPTS, R, assert_ok, describe, read_config,
                       read_csv, run_script, without)
@@ -48,8 +49,7 @@ def stacked_batch(module, num_agents: int, num_envs: int = 4, num_steps: int = 2
     per_agent = [module.init_params(4, 2, (16,), False, torch.Generator().manual_seed(a)) for a in range(1, num_agents + 1)]
     params = module.stack_agents(per_agent)
     opt_state = module.stack_agents([module.adam_init(p) for p in per_agent])
-    hyper = {"learning_rate": torch.tensor([1e-3 * (a + 1) for a in range(num_agents)], dtype=torch.float64),
-             "ent_coef": torch.tensor([0.01 * a for a in range(num_agents)])}
+    hyper = agent_hyper([1e-3 * (a + 1) for a in range(num_agents)], [0.01 * a for a in range(num_agents)])
     generator = torch.Generator().manual_seed(0)
     if module.ALGORITHM == "actor_critic":
         batch, _ = module.Rollout(envs, num_agents, num_steps, torch.device("cpu"), 7).collect(
@@ -63,11 +63,8 @@ def stacked_batch(module, num_agents: int, num_envs: int = 4, num_steps: int = 2
 
 
 def agent_outputs(out, i: int) -> list[torch.Tensor]:
-    params, opt_state, metrics = out
-    leaves = []
-    for tree in (params, opt_state["exp_avg"], opt_state["exp_avg_sq"], metrics):
-        leaves += [v[i] for v in tree.values()]
-    return leaves
+    """Agent i's parameters, Adam state and metrics from a stacked update's output."""
+    return [v[i] for v in flatten(dict(zip(("params", "opt_state", "metrics"), out))).values()]
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
