@@ -1053,27 +1053,32 @@ def validate(args: Args) -> None:
                 raise ValueError(f"{flag} needs the {package} package: pip install {package}") from None
 
 
-def parse_args(default: Optional[Args] = None) -> Args:
-    """tyro.cli, with tyro's multi-line error box turned into the one line `error: ...` of every other bad input
-    (exit 2). --help prints to stdout as usual."""
+def tyro_error_line(box: str) -> str:
+    """The first paragraph of tyro's multi-line error box, as one line without colours."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", box)
+    title = re.search(r"╭─+ (.*?) ─", text)
+    body = []
+    for line in text.splitlines()[1:]:
+        line = line.strip().strip("│").strip()
+        if not line or set(line) <= set("─╰╯"):  # the box's first paragraph ends at a rule or a blank
+            break
+        body.append(line)
+    message = " ".join(body) or "invalid command line"
+    if title and not message.lower().startswith(title.group(1).lower()):
+        message = f"{title.group(1)}: {message}"
+    return message
+
+
+def parse_args(default: Optional[Args] = None, argv: Optional[list[str]] = None) -> Args:
+    """tyro.cli over argv (default: the command line), with tyro's error box turned into the one line
+    `error: ...` of every other bad input (exit 2). --help prints to stdout as usual."""
     captured = io.StringIO()
     try:
         with contextlib.redirect_stderr(captured):
-            args = tyro.cli(Args, default=default, description=__doc__.split("\n\n")[0])
+            args = tyro.cli(Args, args=argv, default=default, description=__doc__.split("\n\n")[0])
     except SystemExit as e:
         if e.code not in (0, None):
-            text = re.sub(r"\x1b\[[0-9;]*m", "", captured.getvalue())
-            title = re.search(r"╭─+ (.*?) ─", text)
-            body = []
-            for line in text.splitlines()[1:]:
-                line = line.strip().strip("│").strip()
-                if not line or set(line) <= set("─╰╯"):  # the box's first paragraph ends at a rule or a blank
-                    break
-                body.append(line)
-            message = " ".join(body) or "invalid command line"
-            if title and not message.lower().startswith(title.group(1).lower()):
-                message = f"{title.group(1)}: {message}"
-            print(f"error: {message} (--help lists every flag)", file=sys.stderr)
+            print(f"error: {tyro_error_line(captured.getvalue())} (--help lists every flag)", file=sys.stderr)
         raise
     sys.stderr.write(captured.getvalue())
     return args
