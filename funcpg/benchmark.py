@@ -302,13 +302,14 @@ def training_speed(run_dir: str) -> dict:
     scripts' seeds may end at different steps). steps_per_s_after_first_update leaves out the first update's
     steps and seconds, and with them the compile (nan for a run of one update).
     """
-    by_seed: dict[str, list[tuple[int, float]]] = {}
+    by_agent: dict[tuple, list[tuple[int, float]]] = {}  # per agent: a grid run repeats seeds across its values
     for row in read_csv(os.path.join(run_dir, "updates.csv")):
-        by_seed.setdefault(row["seed"], []).append((int(row["global_step"]), float(row["wall_time"])))
-    first, last = [min(rows) for rows in by_seed.values()], [max(rows) for rows in by_seed.values()]
+        agent = (row["seed"], row.get("learning_rate"), row.get("ent_coef"))
+        by_agent.setdefault(agent, []).append((int(row["global_step"]), float(row["wall_time"])))
+    first, last = [min(rows) for rows in by_agent.values()], [max(rows) for rows in by_agent.values()]
     steps, seconds = sum(step for step, _ in last), max(wall for _, wall in last)
     later_steps, later_seconds = steps - sum(step for step, _ in first), seconds - max(wall for _, wall in first)
-    return {"seeds": len(by_seed), "updates": max(len(rows) for rows in by_seed.values()), "steps": steps,
+    return {"seeds": len(by_agent), "updates": max(len(rows) for rows in by_agent.values()), "steps": steps,
             "seconds": seconds, "steps_per_s": steps / seconds,
             "steps_per_s_after_first_update": later_steps / later_seconds if later_seconds > 0 else float("nan")}
 

@@ -1,0 +1,852 @@
+"""Compare algorithms side by side: train every (algorithm, env) with its seeds, or read existing run directories,
+and write learning curves, a summary table with rliable-style statistics, and per-seed arrays.
+
+    python funcpg/compare.py --env-id CartPole-v1 --num-seeds 10 --total-timesteps 300000
+    python funcpg/compare.py --algos reinforce actor_critic --algo-args "actor_critic:--gae-lambda 0.95"
+    python funcpg/compare.py --from runs/CartPole-v1__reinforce__1__1763700000 runs/CartPole-v1__actor_critic__1__1763700000
+    python funcpg/compare.py --from runs/compare__CartPole-v1__1763700000 --band ci     # redraw an earlier comparison
+    python funcpg/compare.py --env-id CartPole-v1 Acrobot-v1 --ray-address auto --seeds-per-task 5
+
+Training: each (algorithm, env, seed group) is one run of funcpg/{algo}.py (its seeds vmapped in one process,
+--num-seeds), writing its normal run directory runs/{env_id}__{algo}__{first seed}__{unix_time}. Locally the runs
+go in parallel processes, as many at once as the machine has cores (divided by --cpus-per-task); with
+--ray-address each is a Ray task (num_cpus = --cpus-per-task) that ships the script's source to a worker, runs it
+there and sends the run directory's files back. A run that fails is reported with its algorithm, env and seeds,
+and the others are still compared (exit status 1).
+
+Statistics, per algorithm and env, over its seeds:
+  final return   each seed's mean return over its last 100 training episodes (the quantity --target-return and
+                 the scripts' summary line use); the table gives its mean, std (ddof 1) and interquartile mean
+                 (IQM: the mean of the middle half, scipy's trim_mean(x, 0.25) as rliable computes it) with a 95%
+                 percentile CI from 50,000 stratified bootstrap resamples of the seeds (rliable's method; one env
+                 is one stratum)
+  to threshold   env steps and wall-clock seconds (the training process's own clock, from its first step) until
+                 the mean of the seed's last 100 training returns first reaches the threshold: the median over
+                 the seeds that reached it, and how many did
+  steps/s        env steps of all the runs' agents over their processes' training seconds
+Curves: each seed's mean return over its last 100 (or, early on, fewer) finished training episodes on a grid of
+200 points; the line is the mean over seeds, drawn where every seed has finished an episode and has not yet ended.
+
+Writes runs/compare__{env_id}__{unix_time}/ (or --out): curves.png (vs env steps), curves_wall.png (vs wall
+seconds), summary.md, summary.csv, seeds.csv (one row per seed), curves.csv (the per-seed curves on the step
+grid) and compare.json (the command, the run directories and any failures; --from accepts this directory).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import csv
+import dataclasses
+import io
+import json
+import logging
+import os
+import shlex
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from typing import Annotated, Callable, Iterator, Literal, NamedTuple, Optional
+
+import gymnasium as gym
+import numpy as np
+import tyro
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+if HERE not in sys.path:  # the tools import each other and the scripts as the standalone files they are
+    sys.path.insert(0, HERE)
+import benchmark  # noqa: E402
+
+ALGORITHMS = benchmark.ALGORITHMS
+WINDOW = 100  # episodes in a seed's recent mean return (curves, final return, threshold)
+CURVE_POINTS = 200  # grid points of a curve
+BOOTSTRAP_REPS = 50_000  # resamples for the IQM's confidence interval (rliable's default)
+BAND_REPS = 2_000  # resamples per grid point for --band ci
+CONFIDENCE = 0.95
+# flags compare.py sets on every run; --algo-args may not override them
+CONTROLLED_FLAGS = ("--env-id", "--seed", "--num-seeds", "--total-timesteps", "--num-threads", "--run-dir", "--resume",
+                    "--quiet")
+# config.json entries that do not change what an agent learns, or are per agent: runs of one algorithm and env that
+# differ only in these are seeds of the same variant
+RUN_ONLY_KEYS = {"exp_name", "seed", "num_seeds", "run_dir", "resume", "quiet", "tensorboard", "capture_video",
+                 "save_every", "eval_every", "eval_episodes", "eval_temperature", "device", "num_threads", "compile",
+                 "agents", "funcpg", "torch", "gymnasium", "learning_rate", "ent_coef"}
+TRAINING_FIELDS = ("env_id", "algos", "num_seeds", "total_timesteps", "algo_args", "seeds_per_task", "cpus_per_task",
+                   "ray_address")
+
+
+@dataclasses.dataclass
+class CompareArgs:
+    env_id: tuple[str, ...] = ("CartPole-v1",)
+    """environments to train on (one figure panel each)"""
+    algos: tuple[str, ...] = tuple(ALGORITHMS)
+    """algorithms to compare: the scripts funcpg/{algo}.py"""
+    num_seeds: int = 10
+    """seeds per algorithm and env: --seed .. --seed + num_seeds - 1"""
+    seed: int = 1
+    """the first seed (it also seeds the bootstrap)"""
+    total_timesteps: int = 500_000
+    """env steps per seed"""
+    algo_args: tuple[str, ...] = ()
+    """extra flags for one algorithm's runs, as ALGO:FLAGS (ALGO 'all' for every algorithm), e.g.
+    actor_critic:--gae-lambda=0.95 or 'reinforce:--hidden-sizes 32 32'; repeatable"""
+    seeds_per_task: Optional[int] = None
+    """seeds per training process (per Ray task with --ray-address); default: all of an algorithm's seeds in one"""
+    cpus_per_task: int = 1
+    """CPU cores per training process: its --num-threads and its Ray num_cpus; locally, cores / this many
+    processes run at once"""
+    ray_address: Optional[str] = None
+    """run the training processes as tasks on a Ray cluster: its address, 'auto' (the cluster this machine is
+    part of) or 'local' (start one on this machine); needs Ray (pip install 'funcpg[ray]')"""
+    from_: Annotated[tuple[str, ...], tyro.conf.arg(name="from")] = ()
+    """compare these existing run directories (or earlier comparison directories) instead of training"""
+    threshold: tuple[float, ...] = ()
+    """return threshold for 'steps to threshold': one value for every env, or one per env in --env-id order
+    (default: each env's registered reward_threshold, e.g. 475 for CartPole-v1; none for Pendulum-v1)"""
+    band: Literal["std", "ci"] = "std"
+    """the shaded band around each curve: std across seeds, or a 95% bootstrap confidence interval of the mean"""
+    out: Optional[str] = None
+    """directory for the comparison's outputs (default runs/compare__{env_id}__{unix_time})"""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Statistics
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def iqm(x: np.ndarray, axis: int = -1) -> np.ndarray:
+    """Interquartile mean along `axis`: the mean of what is left once floor(n/4) values are cut from each end
+    (scipy.stats.trim_mean(x, 0.25), which rliable uses)."""
+    x = np.sort(np.asarray(x, dtype=np.float64), axis=axis)
+    n = x.shape[axis]
+    cut = n // 4
+    return np.take(x, np.arange(cut, n - cut), axis=axis).mean(axis=axis)
+
+
+def mean(x: np.ndarray, axis: int = -1) -> np.ndarray:
+    return np.mean(x, axis=axis)
+
+
+def stratified_bootstrap(tasks: list[np.ndarray], statistic: Callable, reps: int, seed: int) -> np.ndarray:
+    """`statistic` of `reps` bootstrap resamples, drawn as rliable's StratifiedBootstrap draws them.
+
+    tasks: one array per task (stratum), its runs along axis 0 (any further axes are carried along). Each
+    resample draws every task's runs with replacement, independently per task, so it keeps each task's run count;
+    the resampled runs of all tasks are pooled along axis 1 of [reps, runs, ...] and statistic(x, axis=1) reduces
+    them. Returns [reps, ...].
+    """
+    rng = np.random.default_rng(seed)
+    pooled = np.concatenate([t[rng.integers(0, len(t), size=(reps, len(t)))] for t in tasks], axis=1)
+    return statistic(pooled, axis=1)
+
+
+def percentile_interval(samples: np.ndarray, confidence: float = CONFIDENCE) -> tuple[np.ndarray, np.ndarray]:
+    """The percentile interval of bootstrap samples (along axis 0) at `confidence`."""
+    tail = 50.0 * (1.0 - confidence)
+    low, high = np.percentile(samples, [tail, 100.0 - tail], axis=0)
+    return low, high
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Run directories -> agents
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Agent:
+    """One trained agent: a seed (and, in a grid run, a learning rate and ent-coef) of one run directory."""
+    label: str  # the variant it belongs to: its exp_name (the algorithm by default), plus lr / ent of a grid
+    algorithm: str
+    env_id: str
+    seed: int
+    run_dir: str
+    steps: np.ndarray  # [E] global_step of each finished training episode, in order
+    walls: np.ndarray  # [E] wall_time (seconds since its process began training) of each
+    returns: np.ndarray  # [E] episodic_return of each
+    final_step: int  # its global_step at its last update
+    final_wall: float  # its process's wall_time at that update
+
+    def final_return(self) -> float:
+        """Mean return of its last WINDOW training episodes (nan without any)."""
+        return float(np.mean(self.returns[-WINDOW:])) if len(self.returns) else float("nan")
+
+    def to_threshold(self, threshold: Optional[float]) -> Optional[tuple[int, float]]:
+        """(global_step, wall_time) of the first episode at which the mean of its last WINDOW returns reaches
+        threshold, or None."""
+        if threshold is None:
+            return None
+        rows = [{"global_step": s, "wall_time": w, "episodic_return": r}
+                for s, w, r in zip(self.steps, self.walls, self.returns)]
+        return benchmark.steps_to_threshold(rows, threshold, WINDOW)
+
+    def curve(self, grid: np.ndarray, clock: Literal["steps", "wall"]) -> np.ndarray:
+        """[G] its mean return over its last WINDOW (or fewer) finished episodes at each grid point of env steps
+        or wall seconds: nan before its first episode and after its last update."""
+        x, end = (self.steps, self.final_step) if clock == "steps" else (self.walls, self.final_wall)
+        done = np.searchsorted(x, grid, side="right")  # episodes finished by each grid point
+        first = np.maximum(done - WINDOW, 0)
+        sums = np.concatenate([[0.0], np.cumsum(self.returns, dtype=np.float64)])
+        with np.errstate(invalid="ignore", divide="ignore"):
+            out = (sums[done] - sums[first]) / (done - first)
+        out[(done == 0) | (grid > end)] = np.nan
+        return out
+
+
+def config_flag(key: str) -> str:
+    return "--" + key.replace("_", "-")
+
+
+def expand_from(paths: tuple[str, ...]) -> list[str]:
+    """--from's paths, with every comparison directory (one holding compare.json) replaced by its runs."""
+    out = []
+    for path in paths:
+        manifest = os.path.join(path, "compare.json")
+        if os.path.isdir(path) and os.path.isfile(manifest) and not os.path.exists(os.path.join(path, "config.json")):
+            with open(manifest) as f:
+                out += [os.path.normpath(os.path.join(path, run)) for run in json.load(f)["runs"]]
+        else:
+            out.append(path)
+    return out
+
+
+def read_run_dir(path: str) -> tuple[dict, list[dict], list[dict]]:
+    """(config, episode rows, update rows) of a run directory; ValueError naming it if it is not a usable one."""
+    if not os.path.isdir(path):
+        raise ValueError(f"{path!r}: no such directory; allowed: run directories written by funcpg's scripts, or "
+                         f"comparison directories")
+    try:
+        with open(os.path.join(path, "config.json")) as f:
+            config = json.load(f)
+        if not {"algorithm", "env_id", "agents"} <= set(config):
+            raise ValueError("it lacks algorithm, env_id or agents")
+    except (OSError, ValueError) as e:
+        reason = "no config.json" if isinstance(e, FileNotFoundError) else f"unreadable config.json ({e})"
+        raise ValueError(f"{path!r}: not a funcpg run directory ({reason})") from None
+    try:
+        episodes = benchmark.read_csv(os.path.join(path, "episodes.csv"))
+    except FileNotFoundError:
+        episodes = []
+    if not episodes:
+        raise ValueError(f"{path!r}: holds no finished training episode (an empty or unstarted run)")
+    updates_path = os.path.join(path, "updates.csv")
+    updates = benchmark.read_csv(updates_path) if os.path.exists(updates_path) else []
+    return config, episodes, updates
+
+
+def agent_of(row: dict, grid: bool) -> tuple:
+    """The agent a CSV row belongs to: its seed, and in a grid run its learning rate and ent-coef."""
+    if grid:
+        return int(row["seed"]), float(row["learning_rate"]), float(row["ent_coef"])
+    return (int(row["seed"]),)
+
+
+def load_agents(paths: list[str]) -> list[Agent]:
+    """Every agent of the run directories, labelled by variant: the runs' exp_name (the algorithm by default), with
+    the learning rate and ent-coef appended where runs of one exp_name and env train several of them. Runs of one
+    exp_name and env must share their algorithm and every setting that changes learning (ValueError otherwise)."""
+    runs = []  # (path, config, [agent fields])
+    for path in dict.fromkeys(os.path.normpath(p) for p in paths):
+        try:
+            config, episodes, updates = read_run_dir(path)
+        except ValueError as e:
+            raise ValueError(f"--from {e}") from None
+        grid = "learning_rate" in episodes[0]
+        by_agent: dict[tuple, list[dict]] = {}
+        for row in episodes:
+            by_agent.setdefault(agent_of(row, grid), []).append(row)
+        last_update: dict[tuple, dict] = {}
+        for row in updates:
+            last_update[agent_of(row, grid)] = row  # rows are in order: the last one wins
+        agents = []
+        for a in config["agents"]:
+            key = (a["seed"], a["learning_rate"], a["ent_coef"]) if grid else (a["seed"],)
+            rows = by_agent.get(key, [])
+            end = last_update.get(key) or (rows[-1] if rows else {"global_step": 0, "wall_time": 0.0})
+            agents.append(dict(seed=a["seed"], learning_rate=a["learning_rate"], ent_coef=a["ent_coef"],
+                               steps=np.array([int(r["global_step"]) for r in rows], dtype=np.int64),
+                               walls=np.array([float(r["wall_time"]) for r in rows]),
+                               returns=np.array([float(r["episodic_return"]) for r in rows]),
+                               final_step=int(end["global_step"]), final_wall=float(end["wall_time"])))
+        runs.append((path, config, agents))
+    groups: dict[tuple[str, str], list] = {}
+    for run in runs:
+        config = run[1]
+        groups.setdefault((config.get("exp_name", config["algorithm"]), config["env_id"]), []).append(run)
+    out = []
+    for (exp_name, env_id), members in groups.items():
+        first_path, first_config, _ = members[0]
+        settings = lambda c: {k: v for k, v in c.items() if k not in RUN_ONLY_KEYS}  # noqa: E731
+        for path, config, _ in members[1:]:
+            a, b = settings(first_config), settings(config)
+            for key in sorted(set(a) | set(b)):
+                if a.get(key) != b.get(key):
+                    what = "algorithm" if key == "algorithm" else config_flag(key)
+                    raise ValueError(f"--from: {first_path!r} and {path!r} are both {exp_name} on {env_id} but differ "
+                                     f"in {what} ({a.get(key)!r} vs {b.get(key)!r}); allowed: runs of one exp_name "
+                                     f"and env with the same settings (give other settings another --exp-name)")
+        seen: dict[tuple, str] = {}
+        lrs = {a["learning_rate"] for _, _, agents in members for a in agents}
+        ents = {a["ent_coef"] for _, _, agents in members for a in agents}
+        for path, config, agents in members:
+            for a in agents:
+                key = (a["seed"], a["learning_rate"], a["ent_coef"])
+                if key in seen:
+                    raise ValueError(f"--from: seed {a['seed']} of {exp_name} on {env_id} (learning rate "
+                                     f"{a['learning_rate']:g}, ent-coef {a['ent_coef']:g}) is in both {seen[key]!r} "
+                                     f"and {path!r}; allowed: each agent once")
+                seen[key] = path
+                label = exp_name + (f" lr={a['learning_rate']:g}" if len(lrs) > 1 else "") + \
+                    (f" ent={a['ent_coef']:g}" if len(ents) > 1 else "")
+                fields = {k: v for k, v in a.items() if k not in ("learning_rate", "ent_coef")}
+                out.append(Agent(label=label, algorithm=config["algorithm"], env_id=env_id, run_dir=path, **fields))
+    return out
+
+
+def by_variant(agents: list[Agent]) -> dict[tuple[str, str], list[Agent]]:
+    """(env_id, label) -> its agents, in order of first appearance."""
+    out: dict[tuple[str, str], list[Agent]] = {}
+    for a in agents:
+        out.setdefault((a.env_id, a.label), []).append(a)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Summary
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def summarize(agents: list[Agent], threshold: Optional[float], seed: int) -> dict:
+    """One variant's row of the summary (see the module docstring for the definitions)."""
+    finals = np.array([a.final_return() for a in agents])
+    finals = finals[np.isfinite(finals)]
+    row = {"algorithm": agents[0].label, "env_id": agents[0].env_id, "seeds": len(agents),
+           "final_return_mean": float(np.mean(finals)) if len(finals) else float("nan"),
+           "final_return_std": float(np.std(finals, ddof=1)) if len(finals) > 1 else float("nan"),
+           "final_return_iqm": float(iqm(finals)) if len(finals) else float("nan")}
+    if len(finals):
+        low, high = percentile_interval(stratified_bootstrap([finals], iqm, BOOTSTRAP_REPS, seed))
+    else:
+        low = high = float("nan")
+    row.update(final_return_iqm_ci_low=float(low), final_return_iqm_ci_high=float(high))
+    hits = [hit for hit in (a.to_threshold(threshold) for a in agents) if hit is not None]
+    row.update(threshold="" if threshold is None else threshold, seeds_reached_threshold=len(hits),
+               median_steps_to_threshold=float(np.median([h[0] for h in hits])) if hits else "",
+               median_seconds_to_threshold=float(np.median([h[1] for h in hits])) if hits else "",
+               median_final_step=float(np.median([a.final_step for a in agents])))
+    steps = seconds = 0.0
+    for run_dir in dict.fromkeys(a.run_dir for a in agents):
+        if os.path.exists(os.path.join(run_dir, "updates.csv")) and benchmark.read_csv(os.path.join(run_dir, "updates.csv")):
+            speed = benchmark.training_speed(run_dir)
+            steps, seconds = steps + speed["steps"], seconds + speed["seconds"]
+    row["steps_per_s"] = steps / seconds if seconds > 0 else float("nan")
+    return row
+
+
+SUMMARY_COLUMNS = ["algorithm", "env_id", "seeds", "final_return_mean", "final_return_std", "final_return_iqm",
+                   "final_return_iqm_ci_low", "final_return_iqm_ci_high", "threshold", "seeds_reached_threshold",
+                   "median_steps_to_threshold", "median_seconds_to_threshold", "median_final_step", "steps_per_s"]
+
+
+def table_rows(rows: list[dict]) -> list[list[str]]:
+    """The summary as text cells, one env after another (header first)."""
+    def num(x, fmt):
+        return "-" if x == "" or (isinstance(x, float) and not np.isfinite(x)) else format(x, fmt)
+    out = [["env", "algorithm", "seeds", "final return (mean ± std)", f"IQM [{CONFIDENCE:.0%} CI]", "threshold",
+            "reached", "steps to threshold", "seconds to threshold", "steps/s"]]
+    for r in rows:
+        out.append([r["env_id"], r["algorithm"], str(r["seeds"]),
+                    f"{num(r['final_return_mean'], '.1f')} ± {num(r['final_return_std'], '.1f')}",
+                    f"{num(r['final_return_iqm'], '.1f')} [{num(r['final_return_iqm_ci_low'], '.1f')}, "
+                    f"{num(r['final_return_iqm_ci_high'], '.1f')}]",
+                    num(r["threshold"], "g"), f"{r['seeds_reached_threshold']}/{r['seeds']}",
+                    num(r["median_steps_to_threshold"], ",.0f"), num(r["median_seconds_to_threshold"], ".1f"),
+                    num(r["steps_per_s"], ",.0f")])
+    return out
+
+
+def format_table(cells: list[list[str]]) -> str:
+    widths = [max(len(row[i]) for row in cells) for i in range(len(cells[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells)
+
+
+def markdown_table(cells: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(cells[0]) + " |", "|" + "---|" * len(cells[0])]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in cells[1:]])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Curves and figures
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def curve_grid(agents: list[Agent], clock: Literal["steps", "wall"]) -> np.ndarray:
+    end = max(a.final_step if clock == "steps" else a.final_wall for a in agents)
+    return np.linspace(0.0, float(end), CURVE_POINTS)
+
+
+def curve_band(curves: np.ndarray, band: Literal["std", "ci"], seed: int):
+    """curves [seeds, G] -> (mean, low, high) [G], nan wherever some seed has no value."""
+    complete = ~np.isnan(curves).any(axis=0)
+    center = np.full(curves.shape[1], np.nan)
+    low, high = center.copy(), center.copy()
+    if complete.any():
+        values = curves[:, complete]
+        center[complete] = values.mean(axis=0)
+        if band == "std":
+            spread = values.std(axis=0, ddof=1) if len(values) > 1 else np.zeros(values.shape[1])
+            low[complete], high[complete] = center[complete] - spread, center[complete] + spread
+        else:
+            low[complete], high[complete] = percentile_interval(stratified_bootstrap([values], mean, BAND_REPS, seed))
+    return center, low, high
+
+
+def plot(variants: dict, thresholds: dict, band: str, clock: Literal["steps", "wall"], seed: int, path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import EngFormatter
+
+    envs = list(dict.fromkeys(env for env, _ in variants))
+    labels = list(dict.fromkeys(label for _, label in variants))
+    colors = {label: f"C{i % 10}" for i, label in enumerate(labels)}
+    fig, axes = plt.subplots(1, len(envs), figsize=(6.4 * len(envs), 4.6), squeeze=False)
+    for ax, env in zip(axes[0], envs):
+        members = {label: agents for (e, label), agents in variants.items() if e == env}
+        grid = curve_grid([a for agents in members.values() for a in agents], clock)
+        for label, agents in members.items():
+            center, low, high = curve_band(np.stack([a.curve(grid, clock) for a in agents]), band, seed)
+            ax.plot(grid, center, color=colors[label], label=f"{label} ({len(agents)} seeds)", linewidth=1.8)
+            ax.fill_between(grid, low, high, color=colors[label], alpha=0.2, linewidth=0)
+        if thresholds.get(env) is not None:
+            ax.axhline(thresholds[env], color="0.4", linestyle="--", linewidth=1, label=f"threshold {thresholds[env]:g}")
+        counts = sorted({len(agents) for agents in members.values()})
+        seeds = f"{counts[0]}" if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
+        ax.set_title(f"{env}, {seeds} seeds per algorithm")
+        if clock == "steps":
+            ax.set_xlabel("env steps (per seed)")
+            ax.xaxis.set_major_formatter(EngFormatter(sep=""))
+        else:
+            ax.set_xlabel("wall-clock seconds of training (each run's own clock)")
+        ax.set_ylabel(f"return (mean of the last {WINDOW} training episodes)")
+        ax.grid(alpha=0.3)
+        ax.legend(loc="best", fontsize="small")
+    what = "±1 std across seeds" if band == "std" else f"{CONFIDENCE:.0%} bootstrap CI of the mean"
+    fig.suptitle(f"Mean over seeds; band: {what}", fontsize="medium")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Outputs
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def write_csv(path: str, columns: list[str], rows: list[dict]) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def write_outputs(out_dir: str, agents: list[Agent], thresholds: dict, args: CompareArgs, failures: list[str],
+                  run_dirs: list[str]) -> list[dict]:
+    """Every file of the comparison directory; returns the summary rows."""
+    os.makedirs(out_dir, exist_ok=True)
+    variants = by_variant(agents)
+    rows = [summarize(members, thresholds.get(env), args.seed) for (env, _), members in variants.items()]
+    write_csv(os.path.join(out_dir, "summary.csv"), SUMMARY_COLUMNS, rows)
+    seed_rows = []
+    for a in agents:
+        hit = a.to_threshold(thresholds.get(a.env_id))
+        seed_rows.append({"algorithm": a.label, "env_id": a.env_id, "seed": a.seed, "final_return": a.final_return(),
+                          "episodes": len(a.returns), "final_step": a.final_step,
+                          "steps_to_threshold": hit[0] if hit else "", "seconds_to_threshold": hit[1] if hit else "",
+                          "run_dir": a.run_dir})
+    write_csv(os.path.join(out_dir, "seeds.csv"), list(seed_rows[0]), seed_rows)
+    curve_rows = []
+    for env in dict.fromkeys(a.env_id for a in agents):
+        members = [a for a in agents if a.env_id == env]
+        grid = curve_grid(members, "steps")
+        for a in members:
+            curve_rows += [{"algorithm": a.label, "env_id": env, "seed": a.seed, "global_step": int(round(x)),
+                            "recent_return": "" if np.isnan(y) else float(y)} for x, y in zip(grid, a.curve(grid, "steps"))]
+    write_csv(os.path.join(out_dir, "curves.csv"), list(curve_rows[0]), curve_rows)
+    plot(variants, thresholds, args.band, "steps", args.seed, os.path.join(out_dir, "curves.png"))
+    plot(variants, thresholds, args.band, "wall", args.seed, os.path.join(out_dir, "curves_wall.png"))
+    cells = table_rows(rows)
+    envs = ", ".join(dict.fromkeys(a.env_id for a in agents))
+    lines = [f"# Comparison: {envs}", "", f"`{shlex.join(['python', 'funcpg/compare.py', *sys.argv[1:]])}`", "",
+             markdown_table(cells), "",
+             f"- final return: each seed's mean return over its last {WINDOW} training episodes; mean ± std (ddof 1) "
+             f"over seeds, and the interquartile mean with a {CONFIDENCE:.0%} percentile CI from {BOOTSTRAP_REPS:,} "
+             f"stratified bootstrap resamples of the seeds (rliable's method)",
+             f"- steps / seconds to threshold: median over the seeds whose mean of their last {WINDOW} training "
+             f"returns reached the threshold (reached: how many did); seconds on each run's own training clock",
+             "- steps/s: env steps of all the runs' agents over their processes' training seconds",
+             "", "![learning curves vs env steps](curves.png)", "", "![learning curves vs wall seconds](curves_wall.png)"]
+    if failures:
+        lines += ["", "## Failed runs (not in the table)", ""] + [f"- {f}" for f in failures]
+    lines += ["", "## Run directories", ""] + [f"- `{d}`" for d in run_dirs]
+    with open(os.path.join(out_dir, "summary.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    with open(os.path.join(out_dir, "compare.json"), "w") as f:
+        json.dump({"command": sys.argv, "args": dataclasses.asdict(args), "thresholds": thresholds,
+                   "runs": [os.path.relpath(d, out_dir) for d in run_dirs], "failures": failures}, f, indent=2)
+    print(format_table(cells))
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Training runs: locally or as Ray tasks
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class Job(NamedTuple):
+    """One training process: an algorithm's seeds first .. first + count - 1 on one env."""
+    algo: str
+    env_id: str
+    first_seed: int
+    num_seeds: int
+    argv: list[str]  # the script's flags, without --run-dir
+    run_dir: str
+
+    def name(self) -> str:
+        seeds = (f"seed {self.first_seed}" if self.num_seeds == 1 else
+                 f"seeds {self.first_seed}-{self.first_seed + self.num_seeds - 1}")
+        return f"{self.algo} on {self.env_id}, {seeds}"
+
+
+def run_process(script: str, argv: list[str], stop: Optional[threading.Event] = None) -> tuple[int, str]:
+    """Run `python script argv` to its end: (exit status, its last line on stderr). Its stdout is dropped (the
+    scripts run with --quiet). When `stop` is set before it starts, it does not start (exit status 130)."""
+    if stop is not None and stop.is_set():
+        return 130, "not started: interrupted"
+    with tempfile.TemporaryFile("w+") as err:
+        code = subprocess.run([sys.executable, script, *argv], stdout=subprocess.DEVNULL, stderr=err).returncode
+        err.seek(0)
+        lines = [line.strip() for line in err.read().splitlines() if line.strip()]
+    return code, lines[-1] if lines else ""
+
+
+def ray_task(algo: str, source: str, argv: list[str]) -> dict:
+    """A training process on a Ray worker: the script's source is written to a temporary folder and run there with
+    its run directory inside it; returns its exit status, last stderr line, seconds, host and the run directory's
+    files."""
+    with tempfile.TemporaryDirectory(prefix="funcpg_") as tmp:
+        script, run_dir = os.path.join(tmp, f"{algo}.py"), os.path.join(tmp, "run")
+        with open(script, "w") as f:
+            f.write(source)
+        start = time.perf_counter()
+        code, message = run_process(script, [*argv, "--run-dir", run_dir])
+        seconds = time.perf_counter() - start
+        files = {}
+        for root, _, names in os.walk(run_dir):
+            for name in names:
+                with open(os.path.join(root, name), "rb") as f:
+                    files[os.path.relpath(os.path.join(root, name), run_dir)] = f.read()
+    return {"returncode": code, "message": message, "seconds": seconds, "host": socket.gethostname(), "files": files}
+
+
+def unpack_run(job: Job, files: dict[str, bytes]) -> None:
+    """Write a Ray task's run directory files to job.run_dir; its config.json's run_dir names where they are now."""
+    for name, data in files.items():
+        path = os.path.join(job.run_dir, name)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        if name == "config.json":
+            config = json.loads(data)
+            config["run_dir"] = job.run_dir
+            data = json.dumps(config, indent=2).encode()
+        with open(path, "wb") as f:
+            f.write(data)
+
+
+class Outcome(NamedTuple):
+    job: Job
+    returncode: int
+    message: str  # the script's last stderr line (its error) or the Ray error
+    seconds: float  # wall seconds of the script's process
+    where: str  # the host it ran on (Ray), or "local"
+
+
+def run_local(jobs: list[Job], cpus_per_task: int) -> Iterator[Outcome]:
+    """The jobs as subprocesses, at most cores // cpus_per_task at once; outcomes in the order they finish.
+    Ctrl-C reaches the running scripts too (they save a checkpoint and exit); jobs not yet started are skipped."""
+    stop = threading.Event()
+
+    def one(job: Job) -> Outcome:
+        start = time.perf_counter()
+        code, message = run_process(os.path.join(HERE, f"{job.algo}.py"), [*job.argv, "--run-dir", job.run_dir], stop)
+        return Outcome(job, code, message, time.perf_counter() - start, "local")
+
+    pool = concurrent.futures.ThreadPoolExecutor(max(1, (os.cpu_count() or 1) // cpus_per_task))
+    try:
+        for future in concurrent.futures.as_completed([pool.submit(one, job) for job in jobs]):
+            yield future.result()
+    finally:
+        stop.set()
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def connect_ray(address: str, cpus_per_task: int):
+    """The ray module, connected to the cluster at `address` ('local' starts one here); ValueError if it cannot."""
+    try:
+        import ray
+    except ImportError:
+        raise ValueError(f"--ray-address {address}: Ray is not installed; pip install 'funcpg[ray]' "
+                         f"(or pip install ray), or leave out --ray-address to train on this machine") from None
+    options = dict(include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False)
+    try:
+        if address == "local":
+            ray.init(num_cpus=os.cpu_count(), **options)
+        else:
+            ray.init(address=address, **options)
+    except Exception as e:  # noqa: BLE001 - any failure to connect is the user's address or cluster
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"--ray-address {address}: cannot connect to a Ray cluster ({reason}); allowed: a "
+                         f"cluster's address, auto or local") from None
+    cpus = ray.cluster_resources().get("CPU", 0)
+    if cpus < cpus_per_task:
+        ray.shutdown()
+        raise ValueError(f"--cpus-per-task {cpus_per_task}: the Ray cluster at {address} has {cpus:g} CPUs")
+    if __name__ != "__main__":  # imported (tests, other tools): ship this module's functions to the workers by value
+        ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    return ray
+
+
+def run_ray(ray, jobs: list[Job], cpus_per_task: int) -> Iterator[Outcome]:
+    """The jobs as Ray tasks (num_cpus = cpus_per_task); outcomes in the order they finish, each run directory
+    written to job.run_dir on this machine. A task's script failing is an outcome, not retried; a lost worker is
+    retried by Ray's defaults."""
+    remote = ray.remote(num_cpus=cpus_per_task)(ray_task)
+    sources = {}
+    for job in jobs:
+        if job.algo not in sources:
+            with open(os.path.join(HERE, f"{job.algo}.py")) as f:
+                sources[job.algo] = f.read()
+    pending = {remote.remote(job.algo, sources[job.algo], job.argv): job for job in jobs}
+    try:
+        while pending:
+            [done], _ = ray.wait(list(pending), num_returns=1)
+            job = pending.pop(done)
+            try:
+                result = ray.get(done)
+            except ray.exceptions.RayError as e:
+                lines = [line for line in str(e).splitlines() if line.strip()]
+                yield Outcome(job, 1, f"Ray task failed: {lines[-1].strip() if lines else type(e).__name__}",
+                              float("nan"), "Ray")
+                continue
+            unpack_run(job, result["files"])
+            yield Outcome(job, result["returncode"], result["message"], result["seconds"], result["host"])
+    finally:
+        for ref in pending:
+            ray.cancel(ref, force=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def parse_cli() -> CompareArgs:
+    """tyro.cli, with its error box as one line `error: ...` (exit 2), as the scripts report theirs."""
+    captured = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(captured):
+            return tyro.cli(CompareArgs, description=__doc__.split("\n\n")[0])
+    except SystemExit as e:
+        if e.code not in (0, None):
+            line = benchmark.load_script(ALGORITHMS[0]).tyro_error_line(captured.getvalue())
+            print(f"error: {line} (--help lists every flag)", file=sys.stderr)
+        raise
+
+
+def algo_flags(args: CompareArgs) -> dict[str, list[str]]:
+    """--algo-args as each algorithm's extra flags; ValueError for a malformed or disallowed one."""
+    flags: dict[str, list[str]] = {algo: [] for algo in args.algos}
+    for item in args.algo_args:
+        algo, sep, rest = item.partition(":")
+        if not sep or not rest.strip():
+            raise ValueError(f"--algo-args {item!r}: expected ALGO:FLAGS, e.g. actor_critic:--gae-lambda=0.95")
+        if algo != "all" and algo not in flags:
+            raise ValueError(f"--algo-args {item!r}: {algo!r} is not one of --algos ({', '.join(args.algos)}) or all")
+        try:
+            tokens = shlex.split(rest)
+        except ValueError as e:
+            raise ValueError(f"--algo-args {item!r}: {e}") from None
+        for token in tokens:
+            if token.split("=")[0] in CONTROLLED_FLAGS:
+                raise ValueError(f"--algo-args {item!r}: compare.py sets {token.split('=')[0]} itself (from its own "
+                                 f"flags); allowed: any other flag of the script")
+        for name in (flags if algo == "all" else [algo]):
+            flags[name] += tokens
+    return flags
+
+
+def check_script_flags(job: Job, extra: list[str]) -> None:
+    """Parse and validate a job's flags with its script's own parser and validate(): no training, no files.
+    extra: the flags that came from --algo-args (named in the error)."""
+    module = benchmark.load_script(job.algo)
+    what = f"{job.algo} on {job.env_id}" + (f" with --algo-args {shlex.join(extra)!r}" if extra else "")
+    captured = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(captured):  # (tyro writes a plainer error box when stdout is redirected too)
+            script_args = module.parse_args(argv=[*job.argv, "--run-dir", job.run_dir])
+    except SystemExit:
+        errors = [line for line in captured.getvalue().splitlines() if line.startswith("error: ")]
+        reason = errors[-1][len("error: "):].removesuffix(" (--help lists every flag)") if errors else "asks for help"
+        raise ValueError(f"{what}: {reason} (python funcpg/{job.algo}.py --help lists its flags)") from None
+    try:
+        module.validate(script_args)
+    except ValueError as e:
+        raise ValueError(f"{what}: {e}") from None
+
+
+def env_threshold(env_id: str) -> Optional[float]:
+    try:
+        return gym.spec(env_id).reward_threshold
+    except Exception:  # noqa: BLE001 - no registered spec: no default threshold
+        return None
+
+
+def thresholds_for(envs: list[str], given: tuple[float, ...]) -> dict[str, Optional[float]]:
+    if len(given) not in (0, 1, len(envs)):
+        raise ValueError(f"--threshold {' '.join(map(str, given))}: give one value, or one per env ({len(envs)}: "
+                         f"{', '.join(envs)})")
+    if not given:
+        return {env: env_threshold(env) for env in envs}
+    return {env: float(given[0] if len(given) == 1 else given[i]) for i, env in enumerate(envs)}
+
+
+def plan(args: CompareArgs, stamp: int) -> list[Job]:
+    """Validate the training flags and every job's script flags; the jobs, in the order to start them."""
+    if args.from_:
+        given = [config_flag(f) for f in TRAINING_FIELDS if getattr(args, f) != getattr(CompareArgs(), f)]
+        if given:
+            raise ValueError(f"--from compares existing run directories; {', '.join(given)} only apply to training")
+        return []
+    unknown = [a for a in args.algos if a not in ALGORITHMS]
+    if unknown or not args.algos:
+        problem = f"unknown algorithm {', '.join(unknown)}" if unknown else "no algorithm given"
+        raise ValueError(f"--algos{''.join(' ' + a for a in args.algos)}: {problem}; allowed: one or more of {', '.join(ALGORITHMS)}")
+    for flag, values in (("--algos", args.algos), ("--env-id", args.env_id)):
+        if len(set(values)) != len(values):
+            raise ValueError(f"{flag} {' '.join(values)}: each may be given once")
+    if not args.env_id:
+        raise ValueError("--env-id: no env given; allowed: one or more gymnasium env ids")
+    for flag, value in (("--num-seeds", args.num_seeds), ("--total-timesteps", args.total_timesteps),
+                        ("--cpus-per-task", args.cpus_per_task)):
+        if value < 1:
+            raise ValueError(f"{flag} {value}: must be a positive integer")
+    if not 0 <= args.seed <= 2**32 - args.num_seeds:
+        raise ValueError(f"--seed {args.seed}: must be an integer in [0, 2**32 - num_seeds] (the seeds are seed .. "
+                         f"seed + num_seeds - 1)")
+    group = args.seeds_per_task or args.num_seeds
+    if not 1 <= group <= args.num_seeds:
+        raise ValueError(f"--seeds-per-task {group}: must be in [1, --num-seeds {args.num_seeds}]")
+    thresholds_for(list(args.env_id), args.threshold)
+    flags = algo_flags(args)
+    jobs = []
+    for env_id in args.env_id:
+        for algo in args.algos:
+            for first in range(args.seed, args.seed + args.num_seeds, group):
+                count = min(group, args.seed + args.num_seeds - first)
+                argv = ["--env-id", env_id, "--seed", str(first), "--num-seeds", str(count), "--total-timesteps",
+                        str(args.total_timesteps), "--num-threads", str(args.cpus_per_task), "--quiet", *flags[algo]]
+                name = f"{env_id.replace('/', '-').replace(':', '-')}__{algo}__{first}__{stamp}"
+                jobs.append(Job(algo, env_id, first, count, argv, unused_path(os.path.join("runs", name))))
+    checked = set()
+    for job in jobs:
+        if (job.algo, job.env_id) not in checked:  # one check per script and env: the seeds change nothing else
+            check_script_flags(job, flags[job.algo])
+            checked.add((job.algo, job.env_id))
+    return jobs
+
+
+def unused_path(path: str) -> str:
+    """path, or path-2, path-3, ... if it exists (as the scripts name their run directories)."""
+    return benchmark.load_script(ALGORITHMS[0]).unused_path(path)
+
+
+def train(args: CompareArgs, jobs: list[Job], ray) -> tuple[list[str], list[str], bool]:
+    """Run the jobs; (run directories of the runs that finished, failure messages, interrupted)."""
+    finished, failures = [], []
+    outcomes = run_ray(ray, jobs, args.cpus_per_task) if ray else run_local(jobs, args.cpus_per_task)
+    print(f"training {len(jobs)} run{'s' if len(jobs) > 1 else ''} ({'Ray at ' + args.ray_address if ray else 'locally'}"
+          f"): {', '.join(args.algos)} on {', '.join(args.env_id)}, seeds {args.seed}-{args.seed + args.num_seeds - 1}")
+    try:
+        for i, outcome in enumerate(outcomes, 1):
+            job = outcome.job
+            where = "" if outcome.where == "local" else f" on {outcome.where}"
+            if outcome.returncode == 0:
+                try:
+                    read_run_dir(job.run_dir)
+                except ValueError as e:  # it ran to the end, with nothing to compare
+                    failures.append(f"{job.name()}: {e}; raise --total-timesteps")
+                    print(f"[{i}/{len(jobs)}] no result: {failures[-1]}", file=sys.stderr)
+                    continue
+                finished.append(job.run_dir)
+                print(f"[{i}/{len(jobs)}] done: {job.name()} ({outcome.seconds:.0f} s{where}) -> {job.run_dir}")
+            else:
+                failure = (f"{job.name()}: exit status {outcome.returncode}: {outcome.message or '(no message)'}"
+                           + (f" (run directory {job.run_dir})" if os.path.isdir(job.run_dir) else ""))
+                failures.append(failure)
+                print(f"[{i}/{len(jobs)}] FAILED: {failure}", file=sys.stderr)
+    except KeyboardInterrupt:
+        outcomes.close()
+        return finished, failures, True
+    return finished, failures, False
+
+
+def main() -> None:
+    args = parse_cli()
+    stamp = int(time.time())
+    ray = None
+    try:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise ValueError("compare.py draws its figures with matplotlib: pip install 'funcpg[plot]'") from None
+        if args.out and os.path.exists(args.out) and (not os.path.isdir(args.out) or os.listdir(args.out)):
+            raise ValueError(f"--out {args.out!r} already exists and is not an empty directory; allowed: a new one")
+        jobs = plan(args, stamp)
+        if args.from_:
+            agents = load_agents(expand_from(args.from_))
+            envs = list(dict.fromkeys(a.env_id for a in agents))
+            run_dirs, failures = list(dict.fromkeys(a.run_dir for a in agents)), []
+        else:
+            envs = list(args.env_id)
+        thresholds = thresholds_for(envs, args.threshold)
+        if args.ray_address:
+            ray = connect_ray(args.ray_address, args.cpus_per_task)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    if not args.from_:
+        run_dirs, failures, interrupted = train(args, jobs, ray)
+        if ray:
+            ray.shutdown()
+        if interrupted:
+            kept = [job.run_dir for job in jobs if os.path.isdir(job.run_dir)]
+            print(f"interrupted: no comparison written; the runs keep their directories (compare them with --from): "
+                  f"{' '.join(kept)}", file=sys.stderr)
+            sys.exit(130)
+        if not run_dirs:
+            print("error: no training run finished with an episode (above); nothing to compare", file=sys.stderr)
+            sys.exit(1)
+        agents = load_agents(run_dirs)
+    name = "+".join(env.replace("/", "-").replace(":", "-") for env in envs)
+    out_dir = args.out or unused_path(os.path.join("runs", f"compare__{name}__{stamp}"))
+    write_outputs(out_dir, agents, thresholds, args, failures, run_dirs)
+    print(f"written: {out_dir}")
+    if failures:
+        print(f"{len(failures)} run{'s' if len(failures) > 1 else ''} failed (listed above and in summary.md)",
+              file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
