@@ -14,6 +14,8 @@ go in parallel processes, as many at once as the machine has cores (divided by -
 there and sends the run directory's files back. A run that fails is reported with its algorithm, env and seeds,
 and the others are still compared (exit status 1).
 
+Every seed is judged at its run's budget (--total-timesteps): its episodes past it are left out. (In a --num-seeds
+run of the REINFORCE scripts, agents train on until the last of them reaches the budget.)
 Statistics, per algorithm and env, over its seeds:
   final return   each seed's mean return over its last 100 training episodes (the quantity --target-return and
                  the scripts' summary line use); the table gives its mean, std (ddof 1) and interquartile mean
@@ -41,6 +43,7 @@ import dataclasses
 import io
 import json
 import logging
+import math
 import os
 import shlex
 import socket
@@ -162,6 +165,8 @@ class Agent:
     algorithm: str
     env_id: str
     seed: int
+    learning_rate: float
+    ent_coef: float
     run_dir: str
     steps: np.ndarray  # [E] global_step of each finished training episode, in order
     walls: np.ndarray  # [E] wall_time (seconds since its process began training) of each
@@ -220,7 +225,7 @@ def read_run_dir(path: str) -> tuple[dict, list[dict], list[dict]]:
     try:
         with open(os.path.join(path, "config.json")) as f:
             config = json.load(f)
-        if not {"algorithm", "env_id", "agents"} <= set(config):
+        if not {"algorithm", "env_id", "agents"} <= set(config) or not config["agents"]:
             raise ValueError("it lacks algorithm, env_id or agents")
     except (OSError, ValueError) as e:
         reason = "no config.json" if isinstance(e, FileNotFoundError) else f"unreadable config.json ({e})"
@@ -243,65 +248,77 @@ def agent_of(row: dict, grid: bool) -> tuple:
     return (int(row["seed"]),)
 
 
+def run_agents(path: str) -> tuple[dict, list[Agent]]:
+    """A run directory's config and its agents (labelled by its exp_name), each cut at the run's budget
+    (--total-timesteps): its episodes up to that step, and its end where it reached it. ValueError if the
+    directory is not usable.
+
+    Why the cut: in a --num-seeds run of the REINFORCE scripts every agent counts its own steps and the run
+    ends when the last agent reaches the budget, so the others train past it, by as much as their episode
+    lengths differ. Compared at their last episodes, agents would be compared at different budgets.
+    """
+    config, episodes, updates = read_run_dir(path)
+    budget = config.get("total_timesteps") or math.inf
+    grid = "learning_rate" in episodes[0]
+    by_agent: dict[tuple, list[dict]] = {}
+    for row in episodes:
+        if int(row["global_step"]) <= budget:
+            by_agent.setdefault(agent_of(row, grid), []).append(row)
+    end: dict[tuple, dict] = {}  # the agent's first update at or past the budget, else its last one
+    for row in updates:
+        key = agent_of(row, grid)
+        if key not in end or int(end[key]["global_step"]) < budget:
+            end[key] = row
+    agents = []
+    for a in config["agents"]:
+        key = (a["seed"], a["learning_rate"], a["ent_coef"]) if grid else (a["seed"],)
+        rows = by_agent.get(key, [])
+        last = end.get(key) or (rows[-1] if rows else {"global_step": 0, "wall_time": 0.0})
+        agents.append(Agent(label=config.get("exp_name", config["algorithm"]), algorithm=config["algorithm"],
+                            env_id=config["env_id"], seed=a["seed"], learning_rate=a["learning_rate"],
+                            ent_coef=a["ent_coef"], run_dir=path,
+                            steps=np.array([int(r["global_step"]) for r in rows], dtype=np.int64),
+                            walls=np.array([float(r["wall_time"]) for r in rows]),
+                            returns=np.array([float(r["episodic_return"]) for r in rows]),
+                            final_step=int(min(int(last["global_step"]), budget)), final_wall=float(last["wall_time"])))
+    return config, agents
+
+
 def load_agents(paths: list[str]) -> list[Agent]:
     """Every agent of the run directories, labelled by variant: the runs' exp_name (the algorithm by default), with
-    the learning rate and ent-coef appended where runs of one exp_name and env train several of them. Runs of one
-    exp_name and env must share their algorithm and every setting that changes learning (ValueError otherwise)."""
-    runs = []  # (path, config, [agent fields])
+    the learning rate and ent-coef appended where the runs of one exp_name and env train several of them.
+    ValueError (naming the directories) for an unusable directory, for runs of one exp_name and env that differ in
+    their algorithm or a setting that changes learning, and for an agent given twice."""
+    groups: dict[tuple[str, str], list[tuple[str, dict, list[Agent]]]] = {}
     for path in dict.fromkeys(os.path.normpath(p) for p in paths):
         try:
-            config, episodes, updates = read_run_dir(path)
+            config, agents = run_agents(path)
         except ValueError as e:
             raise ValueError(f"--from {e}") from None
-        grid = "learning_rate" in episodes[0]
-        by_agent: dict[tuple, list[dict]] = {}
-        for row in episodes:
-            by_agent.setdefault(agent_of(row, grid), []).append(row)
-        last_update: dict[tuple, dict] = {}
-        for row in updates:
-            last_update[agent_of(row, grid)] = row  # rows are in order: the last one wins
-        agents = []
-        for a in config["agents"]:
-            key = (a["seed"], a["learning_rate"], a["ent_coef"]) if grid else (a["seed"],)
-            rows = by_agent.get(key, [])
-            end = last_update.get(key) or (rows[-1] if rows else {"global_step": 0, "wall_time": 0.0})
-            agents.append(dict(seed=a["seed"], learning_rate=a["learning_rate"], ent_coef=a["ent_coef"],
-                               steps=np.array([int(r["global_step"]) for r in rows], dtype=np.int64),
-                               walls=np.array([float(r["wall_time"]) for r in rows]),
-                               returns=np.array([float(r["episodic_return"]) for r in rows]),
-                               final_step=int(end["global_step"]), final_wall=float(end["wall_time"])))
-        runs.append((path, config, agents))
-    groups: dict[tuple[str, str], list] = {}
-    for run in runs:
-        config = run[1]
-        groups.setdefault((config.get("exp_name", config["algorithm"]), config["env_id"]), []).append(run)
+        groups.setdefault((agents[0].label, config["env_id"]), []).append((path, config, agents))
     out = []
     for (exp_name, env_id), members in groups.items():
-        first_path, first_config, _ = members[0]
-        settings = lambda c: {k: v for k, v in c.items() if k not in RUN_ONLY_KEYS}  # noqa: E731
-        for path, config, _ in members[1:]:
-            a, b = settings(first_config), settings(config)
-            for key in sorted(set(a) | set(b)):
-                if a.get(key) != b.get(key):
+        settings = [{k: v for k, v in config.items() if k not in RUN_ONLY_KEYS} for _, config, _ in members]
+        for (path, _, _), other in zip(members[1:], settings[1:]):
+            for key in sorted(set(settings[0]) | set(other)):
+                if settings[0].get(key) != other.get(key):
                     what = "algorithm" if key == "algorithm" else config_flag(key)
-                    raise ValueError(f"--from: {first_path!r} and {path!r} are both {exp_name} on {env_id} but differ "
-                                     f"in {what} ({a.get(key)!r} vs {b.get(key)!r}); allowed: runs of one exp_name "
-                                     f"and env with the same settings (give other settings another --exp-name)")
+                    raise ValueError(f"--from: {members[0][0]!r} and {path!r} are both {exp_name} on {env_id} but "
+                                     f"differ in {what} ({settings[0].get(key)!r} vs {other.get(key)!r}); allowed: "
+                                     f"runs of one exp_name and env with the same settings (give other settings "
+                                     f"another --exp-name)")
+        agents = [a for _, _, run in members for a in run]
+        several_lrs, several_ents = (len({getattr(a, k) for a in agents}) > 1 for k in ("learning_rate", "ent_coef"))
         seen: dict[tuple, str] = {}
-        lrs = {a["learning_rate"] for _, _, agents in members for a in agents}
-        ents = {a["ent_coef"] for _, _, agents in members for a in agents}
-        for path, config, agents in members:
-            for a in agents:
-                key = (a["seed"], a["learning_rate"], a["ent_coef"])
-                if key in seen:
-                    raise ValueError(f"--from: seed {a['seed']} of {exp_name} on {env_id} (learning rate "
-                                     f"{a['learning_rate']:g}, ent-coef {a['ent_coef']:g}) is in both {seen[key]!r} "
-                                     f"and {path!r}; allowed: each agent once")
-                seen[key] = path
-                label = exp_name + (f" lr={a['learning_rate']:g}" if len(lrs) > 1 else "") + \
-                    (f" ent={a['ent_coef']:g}" if len(ents) > 1 else "")
-                fields = {k: v for k, v in a.items() if k not in ("learning_rate", "ent_coef")}
-                out.append(Agent(label=label, algorithm=config["algorithm"], env_id=env_id, run_dir=path, **fields))
+        for a in agents:
+            key = (a.seed, a.learning_rate, a.ent_coef)
+            if key in seen:
+                raise ValueError(f"--from: seed {a.seed} of {exp_name} on {env_id} (learning rate {a.learning_rate:g}, "
+                                 f"ent-coef {a.ent_coef:g}) is in both {seen[key]!r} and {a.run_dir!r}; allowed: "
+                                 f"each agent once")
+            seen[key] = a.run_dir
+            a.label += (f" lr={a.learning_rate:g}" if several_lrs else "") + (f" ent={a.ent_coef:g}" if several_ents else "")
+            out.append(a)
     return out
 
 
@@ -424,7 +441,7 @@ def plot(variants: dict, thresholds: dict, band: str, clock: Literal["steps", "w
             ax.axhline(thresholds[env], color="0.4", linestyle="--", linewidth=1, label=f"threshold {thresholds[env]:g}")
         counts = sorted({len(agents) for agents in members.values()})
         seeds = f"{counts[0]}" if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
-        ax.set_title(f"{env}, {seeds} seeds per algorithm")
+        ax.set_title(f"{env}, {seeds} seeds per curve")
         if clock == "steps":
             ax.set_xlabel("env steps (per seed)")
             ax.xaxis.set_major_formatter(EngFormatter(sep=""))
@@ -462,7 +479,8 @@ def write_outputs(out_dir: str, agents: list[Agent], thresholds: dict, args: Com
     seed_rows = []
     for a in agents:
         hit = a.to_threshold(thresholds.get(a.env_id))
-        seed_rows.append({"algorithm": a.label, "env_id": a.env_id, "seed": a.seed, "final_return": a.final_return(),
+        seed_rows.append({"algorithm": a.label, "env_id": a.env_id, "seed": a.seed, "learning_rate": a.learning_rate,
+                          "ent_coef": a.ent_coef, "final_return": a.final_return(),
                           "episodes": len(a.returns), "final_step": a.final_step,
                           "steps_to_threshold": hit[0] if hit else "", "seconds_to_threshold": hit[1] if hit else "",
                           "run_dir": a.run_dir})
@@ -798,7 +816,7 @@ def train(args: CompareArgs, jobs: list[Job], ray) -> tuple[list[str], list[str]
     except KeyboardInterrupt:
         outcomes.close()
         return finished, failures, True
-    return finished, failures, False
+    return [job.run_dir for job in jobs if job.run_dir in finished], failures, False  # in --algos order
 
 
 def main() -> None:

@@ -106,8 +106,8 @@ def synthetic_agent(returns, steps=None, walls=None, final_step=None, final_wall
     returns = np.asarray(returns, dtype=np.float64)
     steps = np.asarray(steps if steps is not None else 10 * np.arange(1, len(returns) + 1), dtype=np.int64)
     walls = np.asarray(walls if walls is not None else 0.5 * np.arange(1, len(returns) + 1), dtype=np.float64)
-    return compare.Agent(label="algo", algorithm="algo", env_id="Env-v0", seed=seed, run_dir="nowhere", steps=steps,
-                         walls=walls, returns=returns,
+    return compare.Agent(label="algo", algorithm="algo", env_id="Env-v0", seed=seed, learning_rate=0.01, ent_coef=0.0,
+                         run_dir="nowhere", steps=steps, walls=walls, returns=returns,
                          final_step=int(final_step if final_step is not None else steps[-1]),
                          final_wall=float(final_wall if final_wall is not None else walls[-1]))
 
@@ -247,6 +247,22 @@ def test_from_fixture_run_directories_by_hand(tmp_path):
     again = run_compare(["--from", "cmp", "--threshold", "100", "--band", "ci", "--out", "cmp2"], cwd=tmp_path)
     assert again.returncode == 0, again.stderr
     assert (tmp_path / "cmp2" / "summary.csv").read_text() == (out / "summary.csv").read_text()
+
+
+def test_agents_are_compared_at_the_run_budget(tmp_path):
+    """A --num-seeds run of the REINFORCE scripts ends when its last agent reaches --total-timesteps, so other
+    agents train past it: what they do there is left out, so that every seed is judged at the same budget."""
+    # budget 10,000 steps; both seeds have 100 episodes of 0 by then, and seed 2 goes on to 20,000 with 100
+    # episodes of 500 (reaching any threshold only past the budget)
+    run = write_run(tmp_path / "r", "reinforce", {(1,): [0.0] * 100, (2,): [0.0] * 100 + [500.0] * 100},
+                    total_timesteps=10_000)
+    one, two = compare.load_agents([str(run)])
+    # (the fixture's updates come every 800 steps: seed 1's last is at 9,600, seed 2's first past the budget 10,400)
+    assert (one.final_step, two.final_step) == (9_600, 10_000)
+    assert len(two.returns) == 100 and two.final_return() == 0.0
+    assert two.to_threshold(100.0) is None
+    assert two.final_wall == pytest.approx(1.04)  # at its update at step 10,400 (0.01 s per 100 steps)
+    np.testing.assert_allclose(two.curve(np.array([10_000.0, 10_001.0]), "steps"), [0.0, np.nan])
 
 
 def test_from_splits_a_grid_run_into_one_variant_per_learning_rate(tmp_path):
