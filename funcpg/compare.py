@@ -499,6 +499,7 @@ def write_outputs(out_dir: str, agents: list[Agent], thresholds: dict, args: Com
     envs = ", ".join(dict.fromkeys(a.env_id for a in agents))
     lines = [f"# Comparison: {envs}", "", f"`{shlex.join(['python', 'funcpg/compare.py', *sys.argv[1:]])}`", "",
              markdown_table(cells), "",
+             f"- every seed is judged at its run's budget (--total-timesteps); its episodes past it are left out",
              f"- final return: each seed's mean return over its last {WINDOW} training episodes; mean ± std (ddof 1) "
              f"over seeds, and the interquartile mean with a {CONFIDENCE:.0%} percentile CI from {BOOTSTRAP_REPS:,} "
              f"stratified bootstrap resamples of the seeds (rliable's method)",
