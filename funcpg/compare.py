@@ -129,10 +129,6 @@ def iqm(x: np.ndarray, axis: int = -1) -> np.ndarray:
     return np.take(x, np.arange(cut, n - cut), axis=axis).mean(axis=axis)
 
 
-def mean(x: np.ndarray, axis: int = -1) -> np.ndarray:
-    return np.mean(x, axis=axis)
-
-
 def stratified_bootstrap(tasks: list[np.ndarray], statistic: Callable, reps: int, seed: int) -> np.ndarray:
     """`statistic` of `reps` bootstrap resamples, drawn as rliable's StratifiedBootstrap draws them.
 
@@ -355,7 +351,8 @@ def summarize(agents: list[Agent], threshold: Optional[float], seed: int) -> dic
                median_final_step=float(np.median([a.final_step for a in agents])))
     steps = seconds = 0.0
     for run_dir in dict.fromkeys(a.run_dir for a in agents):
-        if os.path.exists(os.path.join(run_dir, "updates.csv")) and benchmark.read_csv(os.path.join(run_dir, "updates.csv")):
+        updates = os.path.join(run_dir, "updates.csv")
+        if os.path.exists(updates) and benchmark.read_csv(updates):  # a run without an update has no speed
             speed = benchmark.training_speed(run_dir)
             steps, seconds = steps + speed["steps"], seconds + speed["seconds"]
     row["steps_per_s"] = steps / seconds if seconds > 0 else float("nan")
@@ -416,7 +413,7 @@ def curve_band(curves: np.ndarray, band: Literal["std", "ci"], seed: int):
             spread = values.std(axis=0, ddof=1) if len(values) > 1 else np.zeros(values.shape[1])
             low[complete], high[complete] = center[complete] - spread, center[complete] + spread
         else:
-            low[complete], high[complete] = percentile_interval(stratified_bootstrap([values], mean, BAND_REPS, seed))
+            low[complete], high[complete] = percentile_interval(stratified_bootstrap([values], np.mean, BAND_REPS, seed))
     return center, low, high
 
 
