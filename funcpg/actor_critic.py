@@ -104,6 +104,8 @@ class Args:
     """steps per environment in a rollout; one update per rollout"""
     learning_rate: tuple[float, ...] = (0.002,)
     """Adam step size (one optimizer for policy and critic); several values train one agent per value and seed"""
+    anneal_lr: bool = False
+    """decay the learning rate linearly from its value to 0 at --total-timesteps"""
     gamma: float = 0.99
     """discount factor, in [0, 1]"""
     gae_lambda: float = 1.0
@@ -443,6 +445,16 @@ def make_agent_update(args: Args):
         return params, opt_state, metrics
 
     return update
+
+
+def annealed(args: Args, hyper: dict[str, torch.Tensor], global_step: np.ndarray) -> dict[str, torch.Tensor]:
+    """hyper with every agent's learning rate scaled by 1 - global_step / total_timesteps (--anneal-lr), where
+    global_step [A] is each agent's step when its batch began: the first update uses the full rate, the rate is
+    a per-agent input of the step (a grid and --compile keep one graph)."""
+    if not args.anneal_lr:
+        return hyper
+    frac = torch.as_tensor(np.clip(1.0 - global_step / args.total_timesteps, 0.0, 1.0), device=hyper["learning_rate"].device)
+    return {**hyper, "learning_rate": hyper["learning_rate"] * frac}
 
 
 def make_update(args: Args):
@@ -863,7 +875,8 @@ def train(args: Args) -> dict:
 
             # ----- learn, log, evaluate, save: all or nothing (a Ctrl-C here waits for the end) -----
             with ctrl_c_deferred():
-                params, opt_state, metrics = update(params, opt_state, batch, hyper)
+                params, opt_state, metrics = update(params, opt_state, batch,
+                                                    annealed(args, hyper, np.full(num_agents, batch_start_step)))
                 num_updates += 1
                 if not metrics["finite"].all():
                     save_checkpoint(checkpoint_path, last_good)

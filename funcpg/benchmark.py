@@ -276,8 +276,8 @@ def update_per_call(args: BenchArgs, algo: str, module, num_envs: int, num_steps
     if algo == "actor_critic":  # fixed-size rollouts of envs that run on
         batch, _ = module.Rollout(envs, 1, num_steps, cpu, 0).collect(params, generator, lambda *a: None)
     else:  # batches of complete episodes, padded to the buffer's capacity as under --compile
-        batch, _ = module.Rollout(envs, 1, num_steps, cpu, fixed_shape=True).collect(params, generator, 0,
-                                                                                    lambda *a: None)
+        batch, _ = module.Rollout([envs], num_steps, cpu, fixed_shape=True).collect(
+            params, [generator], [0], np.ones(1, dtype=bool), lambda *a: None)
     envs.close()
     inputs = (params, opt_state, batch, hyper)
     torch._dynamo.reset()

@@ -109,6 +109,8 @@ class Args:
     """minimum steps per environment in a batch; each env then finishes its current episode"""
     learning_rate: tuple[float, ...] = (0.005,)
     """Adam step size of the policy; several values train one agent per value and seed"""
+    anneal_lr: bool = False
+    """decay the learning rate linearly from its value to 0 at --total-timesteps"""
     baseline: Literal["value", "batch-mean"] = "value"
     """b(s): a learned state value V(s) (regressed on the returns), or the batch mean of the returns"""
     value_learning_rate: float = 0.01
@@ -212,6 +214,13 @@ def stack_agents(trees: list):
 def agent_slice(tree, i: int):
     """Agent i's entries of a stacked (nested) dict of tensors."""
     return {k: agent_slice(v, i) for k, v in tree.items()} if isinstance(tree, dict) else tree[i]
+
+
+def where_agents(mask: torch.Tensor, new, old):
+    """Stacked (nested) dicts of tensors: new's entries for the agents where mask [A] is True, old's elsewhere."""
+    if isinstance(new, dict):
+        return {k: where_agents(mask, new[k], old[k]) for k in new}
+    return torch.where(mask.view(-1, *[1] * (new.dim() - 1)), new, old)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
@@ -455,6 +464,16 @@ def make_agent_update(args: Args):
     return update
 
 
+def annealed(args: Args, hyper: dict[str, torch.Tensor], global_step: np.ndarray) -> dict[str, torch.Tensor]:
+    """hyper with every agent's learning rate scaled by 1 - global_step / total_timesteps (--anneal-lr), where
+    global_step [A] is each agent's step when its batch began: the first update uses the full rate, the rate is
+    a per-agent input of the step (a grid and --compile keep one graph)."""
+    if not args.anneal_lr:
+        return hyper
+    frac = torch.as_tensor(np.clip(1.0 - global_step / args.total_timesteps, 0.0, 1.0), device=hyper["learning_rate"].device)
+    return {**hyper, "learning_rate": hyper["learning_rate"] * frac}
+
+
 def make_update(args: Args):
     """The learning step of every agent as one pure function (params, opt_state, batch, hyper) -> (params,
     opt_state, metrics) over stacked agents: parameters and Adam states [A, ...], batch [T, A, N, ...],
@@ -490,71 +509,89 @@ def make_update(args: Args):
 
 
 class Rollout:
-    """One vector env for all agents (agent a's sub-envs are a * N .. a * N + N - 1), fixed-size buffers
-    [capacity, A * N, ...], and the loop that fills them with one batch of episodes of every agent."""
+    """One vector env of N envs per agent, fixed-size buffers [capacity, A * N, ...] (agent a's envs are columns
+    a * N .. a * N + N - 1), and the loop that fills them with one batch of episodes of every learning agent.
 
-    def __init__(self, envs: gym.vector.VectorEnv, num_agents: int, num_steps: int, device: torch.device,
+    Each agent has its own envs, env seeds and action noise, so its batches depend on nothing but its own
+    parameters and random streams: an agent that stops (its budget reached) changes no other agent's data, and a
+    run resumed with a larger budget continues every agent exactly."""
+
+    def __init__(self, envs: list[gym.vector.VectorEnv], num_steps: int, device: torch.device,
                  fixed_shape: bool = False):
-        """fixed_shape: batches keep every buffer row (one shape for the compiled update) instead of the rows used."""
-        self.envs, self.num_agents, self.num_steps, self.device = envs, num_agents, num_steps, device
+        """envs: one vector env per agent, all alike (N envs each). fixed_shape: batches keep every buffer row (one
+        shape for the compiled update) instead of the rows used."""
+        self.envs, self.num_agents, self.num_envs = envs, len(envs), envs[0].num_envs
+        self.num_steps, self.device = num_steps, device
         self.fixed_shape = fixed_shape
-        space = envs.single_action_space
+        space = self.envs[0].single_action_space
         self.continuous = isinstance(space, gym.spaces.Box)
         self.low, self.high = (space.low, space.high) if self.continuous else (None, None)
         self.action_dim = space.shape[0] if self.continuous else int(space.n)  # the policy's output size
-        time_limit = envs.spec.max_episode_steps if envs.spec is not None else None
+        spec = self.envs[0].spec
+        time_limit = spec.max_episode_steps if spec is not None else None
         # an episode still running at step num_steps - 1 ends at the latest time_limit steps later
-        self._allocate(num_steps + (time_limit or num_steps))
+        self.chunk = num_steps + (time_limit or num_steps)  # rows of action noise an agent draws at a time
+        self._allocate(self.chunk)
 
     def _allocate(self, capacity: int) -> None:
         """numpy buffers: writing a step into them costs ~1 us, a torch indexed copy several."""
-        n, obs_shape = self.envs.num_envs, self.envs.single_observation_space.shape
-        action_shape = self.envs.single_action_space.shape if self.continuous else ()
+        n, obs_shape = self.num_agents * self.num_envs, self.envs[0].single_observation_space.shape
+        action_shape = self.envs[0].single_action_space.shape if self.continuous else ()
         self.obs = np.zeros((capacity + 1, n, *obs_shape), dtype=np.float32)
         self.actions = np.zeros((capacity, n, *action_shape), dtype=np.float32)
         self.capacity = capacity
 
-    def collect(self, params: dict[str, torch.Tensor], generator: torch.Generator, seed: int, on_episode
-                ) -> tuple[Batch, np.ndarray]:
-        """Reset the envs with `seed` and run them until each has >= num_steps steps and has ended an episode.
+    def close(self) -> None:
+        for envs in self.envs:
+            envs.close()
 
-        An agent's batch lasts until all of its envs are done; its envs then step on (masked) while other agents'
-        batches run, but those steps are neither counted nor logged, so each agent's data and step count are those
-        of a run of its own. on_episode(t, env, return, length) is called for every episode an agent's batch
-        finishes (t = steps per env so far; env = sub-env index, of agent env // N). Returns the batch
-        ([t, A, N, ...], or [capacity, A, N, ...] zero-padded if fixed_shape) and each agent's steps per env [A].
-        The batch's tensors share memory with this Rollout's buffers: the next collect overwrites them.
+    def collect(self, params: dict[str, torch.Tensor], generators: list[torch.Generator], seeds: list[int],
+                learning: np.ndarray, on_episode) -> tuple[Batch, np.ndarray]:
+        """For every agent a with learning[a]: reset its envs with seeds[a] and run them until each has >= num_steps
+        steps and has ended an episode; agents not learning take no step and draw no noise.
+
+        An agent's envs stop once its batch is complete (all of its envs done) while other agents' batches go on.
+        on_episode(t, env, return, length) is called for every episode of a batch (t = the agent's steps per env
+        so far; env = column, of agent env // N). Returns the batch ([t, A, N, ...], or [capacity, A, N, ...]
+        zero-padded if fixed_shape; an agent's rows past its batch have valid = 0) and each agent's steps per env
+        [A]. The batch's tensors share memory with this Rollout's buffers: the next collect overwrites them.
         """
-        n, num_agents = self.envs.num_envs, self.num_agents
-        rewards = np.zeros((self.capacity, n), dtype=np.float32)
-        dones = np.zeros((self.capacity, n), dtype=np.float32)
-        truncs = np.zeros((self.capacity, n), dtype=np.float32)
-        valid = np.zeros((self.capacity, n), dtype=np.float32)
-        active = np.ones(n, dtype=bool)  # this env's steps still belong to the batch
-        collecting = np.ones(num_agents, dtype=bool)  # some env of this agent is active
+        num_agents, per = self.num_agents, self.num_envs
+        n = num_agents * per
+        rewards, dones, truncs, valid = (np.zeros((self.capacity, n), dtype=np.float32) for _ in range(4))
+        active = np.repeat(learning, per)  # this env's steps still belong to the batch
+        collecting = learning.copy()  # some env of this agent is active
         steps = np.zeros(num_agents, dtype=np.int64)
         previous_done = np.zeros(n, dtype=bool)
         episode_return, episode_length = np.zeros(n), np.zeros(n, dtype=np.int64)
-        obs, _ = self.envs.reset(seed=seed)
+        noise = torch.zeros((0, num_agents, per, self.action_dim), device=self.device)
+        obs = np.zeros((n, *self.obs.shape[2:]), dtype=np.float32)  # an agent that has stopped keeps its last obs
+        for a in np.flatnonzero(learning):
+            obs[a * per:(a + 1) * per], _ = self.envs[a].reset(seed=seeds[a])
         t = 0
         with torch.inference_mode():  # cheaper per op than no_grad; nothing here enters a gradient
-            noise = action_noise((self.capacity, num_agents, n // num_agents, self.action_dim), self.continuous,
-                                 generator, self.device)
             while collecting.any():
+                if t == len(noise):  # each agent draws its noise a chunk at a time: how much depends on it alone
+                    chunk = torch.zeros((self.chunk, num_agents, per, self.action_dim), device=self.device)
+                    for a in np.flatnonzero(collecting):
+                        chunk[:, a] = action_noise((self.chunk, per, self.action_dim), self.continuous, generators[a], self.device)
+                    noise = torch.cat([noise, chunk])
                 if t == self.capacity:  # env without a time limit ran past the buffer: grow it (the update recompiles)
                     old = (self.obs, self.actions)
                     self._allocate(2 * self.capacity)
-                    self.obs[: t + 1], self.actions[:t] = old[0][: t + 1], old[1][:t]
+                    self.obs[:t], self.actions[:t] = old[0][:t], old[1][:t]
                     rewards, dones, truncs, valid = (np.concatenate([b, np.zeros_like(b)])
                                                      for b in (rewards, dones, truncs, valid))
-                    noise = torch.cat([noise, action_noise(noise.shape, self.continuous, generator, self.device)])
                 self.obs[t] = obs
-                obs_t = torch.from_numpy(self.obs[t]).to(self.device).view(num_agents, n // num_agents, -1)
+                obs_t = torch.from_numpy(self.obs[t]).to(self.device).view(num_agents, per, -1)
                 action = sample_action(params, obs_t, noise[t]).view(n, *self.actions.shape[2:]).cpu().numpy()
                 self.actions[t] = action
                 if self.continuous:
                     action = np.clip(action, self.low, self.high)
-                obs, reward, terminated, truncated, _ = self.envs.step(action)
+                reward, terminated, truncated = np.zeros(n), np.zeros(n, dtype=bool), np.zeros(n, dtype=bool)
+                for a in np.flatnonzero(collecting):
+                    s = slice(a * per, (a + 1) * per)
+                    obs[s], reward[s], terminated[s], truncated[s], _ = self.envs[a].step(action[s])
                 done = terminated | truncated
                 # the step after a done only resets its env (NEXT_STEP autoreset): never learn from it, nor count it
                 valid[t] = active & ~previous_done
@@ -566,11 +603,11 @@ class Rollout:
                 t += 1
                 steps += collecting  # this step is part of the batch of every agent still collecting
                 if done.any():
-                    for i in np.flatnonzero(done & np.repeat(collecting, n // num_agents)):
+                    for i in np.flatnonzero(done & np.repeat(collecting, per)):
                         on_episode(t, int(i), float(episode_return[i]), int(episode_length[i]))
                     episode_return[done], episode_length[done] = 0.0, 0
                 collecting = active.reshape(num_agents, -1).any(1)
-        self.obs[t] = obs  # final obs of the last episodes
+        self.obs[t] = obs  # final obs of the last episodes (an agent that stopped earlier kept its own in its rows)
         rows = self.capacity if self.fixed_shape else t
         if self.fixed_shape:  # the padding rows the compiled update sees (masked, but kept at 0)
             self.obs[t + 1:] = 0
@@ -823,14 +860,15 @@ def train(args: Args) -> dict:
     checkpoint = load_checkpoint(args.resume, device) if args.resume else None
     agents = agent_grid(args)
     num_agents = len(agents)
-    envs = make_env(args.env_id, num_agents * args.num_envs)
+    rollout = Rollout([make_env(args.env_id, args.num_envs) for _ in agents], args.num_steps, device, args.compile)
+    envs = rollout.envs[0]
     check_env(args.env_id, envs)
     continuous = isinstance(envs.single_action_space, gym.spaces.Box)
     obs_dim = envs.single_observation_space.shape[0]
     action_dim = envs.single_action_space.shape[0] if continuous else int(envs.single_action_space.n)
 
-    # --- state: parameters and optimizer stacked over the agents [A, ...], counters, RNG ---
-    generator = torch.Generator(device=device).manual_seed(args.seed)
+    # --- state: parameters and optimizer stacked over the agents [A, ...], counters, RNG: all per agent ---
+    generators = [torch.Generator(device=device).manual_seed(a["seed"]) for a in agents]  # each agent's action noise
     hyper = {"learning_rate": torch.tensor([a["learning_rate"] for a in agents], dtype=torch.float64, device=device),
              "ent_coef": torch.tensor([a["ent_coef"] for a in agents], device=device)}
     if checkpoint is None:
@@ -840,16 +878,18 @@ def train(args: Args) -> dict:
                            for a in agents])
         params = {k: v.to(device) for k, v in params.items()}
         opt_state = stack_agents([adam_init(agent_slice(params, i)) for i in range(num_agents)])
-        global_step, num_updates, wall_offset = np.zeros(num_agents, dtype=np.int64), 0, 0.0
+        global_step, num_updates = np.zeros(num_agents, dtype=np.int64), np.zeros(num_agents, dtype=np.int64)
+        wall_offset = 0.0
         recent = [deque(maxlen=100) for _ in agents]
         run_dir = args.run_dir or unused_path(os.path.join(
             "runs", f"{args.env_id.replace('/', '-').replace(':', '-')}__{args.exp_name}__{args.seed}__{int(time.time())}"))
     else:
         params, opt_state = checkpoint["params"], checkpoint["opt_state"]
-        global_step, num_updates = np.array(checkpoint["global_step"]), checkpoint["num_updates"]
+        global_step, num_updates = np.array(checkpoint["global_step"]), np.array(checkpoint["num_updates"])
         wall_offset = checkpoint["wall_time"]
         recent = [deque(r, maxlen=100) for r in checkpoint["recent_returns"]]
-        generator.set_state(checkpoint["rng_state"].to("cpu") if device.type == "cpu" else checkpoint["rng_state"])
+        for generator, state in zip(generators, checkpoint["rng_state"]):  # stacked [A, state size]
+            generator.set_state(state.cpu().clone())  # a copy: set_state of a row (a view) crashes torch 2.13
         run_dir = args.run_dir or os.path.dirname(os.path.abspath(args.resume))
     os.makedirs(run_dir, exist_ok=True)
     args_dict = dataclasses.asdict(args)  # once: a snapshot per update must stay cheap
@@ -859,7 +899,6 @@ def train(args: Args) -> dict:
     logger = Logger(args, run_dir, list(global_step) if checkpoint else None, agents)
     checkpoint_path = os.path.join(run_dir, "checkpoint.pt")
 
-    rollout = Rollout(envs, num_agents, args.num_steps, device, fixed_shape=args.compile)
     update = make_update(args)
     episodes = [{"global_step": [], "return": [], "length": []} for _ in agents]
     evaluations = [[] for _ in agents]
@@ -870,25 +909,27 @@ def train(args: Args) -> dict:
 
     def snapshot() -> dict:
         return {"algorithm": ALGORITHM, "env_id": args.env_id, "args": args_dict, "agents": agents,
-                "params": params, "opt_state": opt_state, "global_step": global_step.tolist(), "num_updates": num_updates,
-                "wall_time": wall(), "recent_returns": [list(r) for r in recent], "rng_state": generator.get_state()}
+                "params": params, "opt_state": opt_state, "global_step": global_step.tolist(),
+                "num_updates": num_updates.tolist(), "wall_time": wall(), "recent_returns": [list(r) for r in recent],
+                "rng_state": torch.stack([g.get_state() for g in generators])}
 
-    def run_evaluation() -> None:
-        seed = derived_seed(args.seed, 1, int(global_step.min()))
-        returns = evaluate(args, params, seed, device)
-        if args.capture_video:  # the first agent's
+    def run_evaluation(i: int) -> None:
+        """Evaluate agent i at its own step, on envs of its own (its result depends on no other agent)."""
+        step = int(global_step[i])
+        seed = derived_seed(agents[i]["seed"], 1, step)
+        r = evaluate(args, {k: v[i:i + 1] for k, v in params.items()}, seed, device)[0]
+        if args.capture_video and i == 0:  # the first agent's
             record_video(args, agent_slice(params, 0), seed, device, os.path.join(run_dir, "videos"),
-                         f"eval-step{global_step[0]}")
-        for i, r in enumerate(returns):
-            step = int(global_step[i])
-            evaluations[i].append((step, float(r.mean()), float(r.std())))
-            logger.row("eval.csv", i, [step, float(r.mean()), float(r.std()), len(r)])
-            logger.scalar("eval/mean_return", i, float(r.mean()), step)
+                         f"eval-step{step}")
+        evaluations[i].append((step, float(r.mean()), float(r.std())))
+        logger.row("eval.csv", i, [step, float(r.mean()), float(r.std()), len(r)])
+        logger.scalar("eval/mean_return", i, float(r.mean()), step)
 
     last_good = snapshot()
     interrupted = False
     try:
-        while global_step.min() < args.total_timesteps:  # until every agent has taken total_timesteps
+        while global_step.min() < args.total_timesteps:
+            learning = global_step < args.total_timesteps  # each agent stops at its own budget
             batch_start_step, batch_start_time = global_step.copy(), time.time()
 
             def on_episode(t: int, env: int, ret: float, length: int) -> None:
@@ -902,14 +943,21 @@ def train(args: Args) -> dict:
                 logger.scalar("charts/episodic_length", agent, length, step)
 
             # ----- collect a batch of complete episodes of every agent -----
-            batch, steps_per_env = rollout.collect(params, generator, derived_seed(args.seed, 0, num_updates),
-                                                   on_episode)
+            seeds = [derived_seed(a["seed"], 0, int(u)) for a, u in zip(agents, num_updates)]
+            batch, steps_per_env = rollout.collect(params, generators, seeds, learning, on_episode)
             global_step = global_step + steps_per_env * args.num_envs
 
             # ----- learn, log, evaluate, save: all or nothing (a Ctrl-C here waits for the end) -----
             with ctrl_c_deferred():
-                params, opt_state, metrics = update(params, opt_state, batch, hyper)
-                num_updates += 1
+                new_params, new_opt_state, metrics = update(params, opt_state, batch,
+                                                            annealed(args, hyper, batch_start_step))
+                if learning.all():
+                    params, opt_state = new_params, new_opt_state
+                else:  # an agent past its budget keeps its state (its batch was empty)
+                    keep = torch.as_tensor(learning, device=device)
+                    params, opt_state = where_agents(keep, new_params, params), where_agents(keep, new_opt_state, opt_state)
+                num_updates += learning
+                metrics["finite"] |= ~torch.as_tensor(learning, device=device)
                 if not metrics["finite"].all():
                     save_checkpoint(checkpoint_path, last_good)
                     bad = ", ".join(f"seed {agents[i]['seed']}" + (f" lr {agents[i]['learning_rate']:g} ent-coef "
@@ -923,7 +971,7 @@ def train(args: Args) -> dict:
                 columns = ("policy_loss", "value_loss", "entropy", "grad_norm") if args.baseline == "value" else \
                     ("policy_loss", "entropy", "grad_norm")
                 values = torch.stack([metrics[c] for c in columns], 1).tolist()  # [A, 3 or 4]: one sync for all agents
-                for i in range(num_agents):
+                for i in np.flatnonzero(learning):
                     pg_loss, *value_loss, entropy, grad_norm = values[i]
                     step = int(global_step[i])
                     logger.row("updates.csv", i, [step, wall(), pg_loss, value_loss[0] if value_loss else "", entropy,
@@ -931,12 +979,10 @@ def train(args: Args) -> dict:
                     for tag, v in zip(columns, values[i]):
                         logger.scalar(f"losses/{tag}", i, v, step)
                     logger.scalar("charts/SPS", i, float(sps[i]), step)
-                crossed = lambda every: (  # noqa: E731 (the slowest agent's step decides)
-                    every > 0 and global_step.min() // every > batch_start_step.min() // every)
-                if crossed(args.eval_every):
-                    run_evaluation()
+                    if args.eval_every > 0 and step // args.eval_every > batch_start_step[i] // args.eval_every:
+                        run_evaluation(i)
                 last_good = snapshot()
-                if crossed(args.save_every):
+                if args.save_every > 0 and global_step.min() // args.save_every > batch_start_step.min() // args.save_every:
                     save_checkpoint(checkpoint_path, last_good)
             logger.flush()
             logger.progress(int(global_step.min()), recent,
@@ -944,15 +990,16 @@ def train(args: Args) -> dict:
             if args.target_return is not None and all(  # every agent has reached it
                     len(r) == r.maxlen and np.mean(r) >= args.target_return for r in recent):
                 break
-        if args.eval_every > 0 and (not evaluations[0] or evaluations[0][-1][0] != global_step[0]):
-            run_evaluation()
+        for i in range(num_agents):  # and at the end
+            if args.eval_every > 0 and (not evaluations[i] or evaluations[i][-1][0] != global_step[i]):
+                run_evaluation(i)
         save_checkpoint(checkpoint_path, last_good)
     except KeyboardInterrupt:
         interrupted = True
         save_checkpoint(checkpoint_path, last_good)  # the state at the last completed update
     finally:
         logger.flush()
-        envs.close()
+        rollout.close()
     if not interrupted:
         steps_this_session = float(np.mean(global_step - (np.array(checkpoint["global_step"]) if checkpoint else 0)))
         logger.progress(int(global_step.min()), recent, steps_this_session / max(wall() - wall_offset, 1e-9),

@@ -485,7 +485,8 @@ def test_continuous_rollout_stores_unclipped_actions_and_sends_clipped_ones(scri
             batch, steps = ac.Rollout(envs, 1, 16, torch.device("cpu"), seed=0).collect(params, generator,
                                                                                          lambda *a: None)
         else:
-            batch, steps = rb.Rollout(envs, 1, 16, torch.device("cpu")).collect(params, generator, 0, lambda *a: None)
+            batch, steps = rb.Rollout([envs], 16, torch.device("cpu")).collect(params, [generator], [0],
+                                                                               np.ones(1, dtype=bool), lambda *a: None)
             steps = int(steps[0])
     finally:
         envs.close()
@@ -669,10 +670,10 @@ def test_reinforce_baseline_truncation_bootstraps_final_observation_value():
     v_wrong = lambda x: WRONG[0] * np.asarray(x, np.float64) + WRONG[1]  # noqa: E731
     checked = {"truncated": 0, "reset_candidate": 0}
     try:
-        rollout = rb.Rollout(envs, 1, num_steps, torch.device("cpu"))
+        rollout = rb.Rollout([envs], num_steps, torch.device("cpu"))
         for i in range(3):
-            batch, steps = rollout.collect(rb.stack_agents([exact]), generator, rb.derived_seed(9, 0, i),
-                                           lambda *a: None)
+            batch, steps = rollout.collect(rb.stack_agents([exact]), [generator], [rb.derived_seed(9, 0, i)],
+                                           np.ones(1, dtype=bool), lambda *a: None)
             batch = rb.Batch(*(x[:, 0].clone() for x in batch))
             valid = batch.valid.bool().numpy()
             rewards, dones = batch.rewards.double().numpy(), batch.dones.bool().numpy()
@@ -740,7 +741,7 @@ def test_termination_with_truncation_is_not_bootstrapped(script):
         update = ac.make_agent_update(args)
     else:
         params = with_linear_critic(rb.init_params(1, 2, (), False, g, value=True), *WRONG)
-        rollout = rb.Rollout(envs, 1, num_steps, torch.device("cpu"))
+        rollout = rb.Rollout([envs], num_steps, torch.device("cpu"))
         args = rb.Args(compile=False, baseline="value", gamma=CHAIN_GAMMA, hidden_sizes=(),
                        normalize_advantages=False)
         update = rb.make_agent_update(args)
@@ -754,7 +755,8 @@ def test_termination_with_truncation_is_not_bootstrapped(script):
                 batch = agent_batch(batch, 0)
                 ended = batch.terminated.bool()
             else:
-                batch, _ = rollout.collect(stacked, g, rb.derived_seed(1, 0, i), lambda *a: None)
+                batch, _ = rollout.collect(stacked, [g], [rb.derived_seed(1, 0, i)], np.ones(1, dtype=bool),
+                                           lambda *a: None)
                 batch = agent_batch(batch, 0)
                 assert not (batch.truncated.bool() & batch.dones.bool() & batch.valid.bool()).any(), \
                     "a step that terminated is flagged as truncated (it would be bootstrapped)"
@@ -786,13 +788,13 @@ def test_rb_rollout_records_what_the_env_returned():
     log = record_env_outputs(envs)
     params = rb.init_params(4, 2, (8,), False, torch.Generator().manual_seed(0), value=True)
     generator = torch.Generator().manual_seed(0)
-    rollout = rb.Rollout(envs, 1, num_steps, torch.device("cpu"))
+    rollout = rb.Rollout([envs], num_steps, torch.device("cpu"))
     saw = {"truncated": 0, "terminated": 0}
     try:
         for i in range(4):
             first = len(log["rewards"])
-            batch, steps = rollout.collect(rb.stack_agents([params]), generator, rb.derived_seed(2, 0, i),
-                                           lambda *a: None)
+            batch, steps = rollout.collect(rb.stack_agents([params]), [generator], [rb.derived_seed(2, 0, i)],
+                                           np.ones(1, dtype=bool), lambda *a: None)
             assert steps.shape == (1,) and all(x.shape[1] == 1 for x in batch)
             batch, steps = agent_batch(batch, 0), int(steps[0])
             env_obs = np.stack(log["obs"][first + i:])  # this batch's reset obs, then one per step

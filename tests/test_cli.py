@@ -107,8 +107,9 @@ def load_raw_checkpoint(path: Path) -> dict:
 
 def load_checkpoint(path: Path) -> dict:
     """A one-agent run's checkpoint as that agent's state. The scripts stack every agent's parameters and Adam
-    state along a leading agent dimension and keep per-agent lists (global_step of the REINFORCE scripts,
-    recent_returns, the learning-rate and ent-coef values); tests/test_num_seeds.py reads those raw."""
+    state along a leading agent dimension and keep per-agent lists (global_step, num_updates and the stacked
+    RNG states of the REINFORCE scripts, recent_returns, the learning-rate and ent-coef values);
+    tests/test_num_seeds.py reads those raw."""
     ckpt = load_raw_checkpoint(path)
     assert len(ckpt["agents"]) == 1, f"expected a one-agent checkpoint: {ckpt['agents']}"
 
@@ -118,8 +119,11 @@ def load_checkpoint(path: Path) -> dict:
     assert all(p.shape[0] == 1 for p in ckpt["params"].values())
     step = ckpt["global_step"]
     args = {**ckpt["args"], "learning_rate": ckpt["args"]["learning_rate"][0], "ent_coef": ckpt["args"]["ent_coef"][0]}
+    updates, rng_state = ckpt["num_updates"], ckpt["rng_state"]
     return {**ckpt, "params": agent0(ckpt["params"]), "opt_state": agent0(ckpt["opt_state"]), "args": args,
-            "global_step": step[0] if isinstance(step, list) else step, "recent_returns": ckpt["recent_returns"][0]}
+            "global_step": step[0] if isinstance(step, list) else step, "recent_returns": ckpt["recent_returns"][0],
+            "num_updates": updates[0] if isinstance(updates, list) else updates,
+            "rng_state": rng_state[0] if rng_state.dim() == 2 else rng_state}
 
 
 def read_config(run_dir: Path) -> dict:

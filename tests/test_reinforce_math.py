@@ -225,15 +225,16 @@ def test_compute_returns_on_real_rollout_batches(fixed_shape, num_agents):
     valid step + 1); the batch's rows run to the longest agent's (or the capacity, zero past the end).
     """
     num_envs, num_steps = 4, 20
-    envs = rf.make_env(CARTPOLE_ID, num_agents * num_envs)
-    rollout = rf.Rollout(envs, num_agents, num_steps, torch.device("cpu"), fixed_shape=fixed_shape)
+    rollout = rf.Rollout([rf.make_env(CARTPOLE_ID, num_envs) for _ in range(num_agents)], num_steps,
+                         torch.device("cpu"), fixed_shape=fixed_shape)
     params = rf.stack_agents([rf.init_params(4, 2, (8,), False, torch.Generator().manual_seed(a))
                               for a in range(num_agents)])
-    generator = torch.Generator().manual_seed(0)
+    generators = [torch.Generator().manual_seed(a) for a in range(num_agents)]
     finished = []
     try:
         for i in range(5):
-            batch, steps = rollout.collect(params, generator, rf.derived_seed(3, 0, i),
+            batch, steps = rollout.collect(params, generators, [rf.derived_seed(a, 0, i) for a in range(num_agents)],
+                                           np.ones(num_agents, dtype=bool),
                                            on_episode=lambda t, env, ret, length: finished.append((env, ret, length)))
             assert steps.shape == (num_agents,)
             longest = int(steps.max())
@@ -266,7 +267,7 @@ def test_compute_returns_on_real_rollout_batches(fixed_shape, num_agents):
                     got = rf.compute_returns(agent.rewards, agent.dones, agent.valid, 0.9, return_type).double().numpy()
                     np.testing.assert_allclose(got[valid], ref[valid], rtol=0, atol=1e-5)
     finally:
-        envs.close()
+        rollout.close()
     lengths = [length for _, _, length in finished]
     assert 15 in lengths and min(lengths) < 15  # both truncations and terminations happened
     assert {env // num_envs for env, _, _ in finished} == set(range(num_agents))  # every agent's episodes
@@ -611,7 +612,7 @@ def test_policy_gradient_estimator_is_unbiased_on_exact_mdp():
     target = torch.cat([(-grad_J[k] / 2).flatten() for k in params]).double()
 
     envs = rf.make_env(CHAIN_ID, num_envs)
-    rollout = rf.Rollout(envs, 1, 2, torch.device("cpu"))
+    rollout = rf.Rollout([envs], 2, torch.device("cpu"))
     stacked = rf.stack_agents([params])
     generator = torch.Generator().manual_seed(123)
     loss_grad = torch.func.grad(lambda p, b, g: rf.policy_loss(p, b, g, 0.0)[0])
@@ -619,7 +620,8 @@ def test_policy_gradient_estimator_is_unbiased_on_exact_mdp():
     batch_returns = []  # mean episode return of each batch
     try:
         for i in range(num_batches):
-            batch, steps = rollout.collect(stacked, generator, rf.derived_seed(7, 0, i), on_episode=lambda *a: None)
+            batch, steps = rollout.collect(stacked, [generator], [rf.derived_seed(7, 0, i)], np.ones(1, dtype=bool),
+                                           on_episode=lambda *a: None)
             batch = agent_batch(batch, 0)
             assert steps.tolist() == [2] and batch.valid.sum().item() == 2 * num_envs
             assert batch.valid[:2].all() and batch.dones[1].all() and not batch.dones[0].any()
@@ -673,12 +675,12 @@ def test_rollout_buffer_grows_for_envs_without_time_limit(module):
 
     mod = importlib.import_module(f"funcpg.{module}")
     envs = mod.make_env(LONG_ID, 3)
-    rollout = mod.Rollout(envs, 1, 4, torch.device("cpu"))
+    rollout = mod.Rollout([envs], 4, torch.device("cpu"))
     assert rollout.capacity == 8
     params = mod.init_params(2, 2, (8,), False, torch.Generator().manual_seed(0))
     episodes = []
-    batch, steps = rollout.collect(mod.stack_agents([params]), torch.Generator().manual_seed(0), 0,
-                                   lambda *e: episodes.append(e))
+    batch, steps = rollout.collect(mod.stack_agents([params]), [torch.Generator().manual_seed(0)], [0],
+                                   np.ones(1, dtype=bool), lambda *e: episodes.append(e))
     batch = agent_batch(batch, 0)
     assert steps.tolist() == [50] and rollout.capacity >= 50
     assert batch.valid.sum().item() == 150 and bool(batch.valid.all())
