@@ -100,9 +100,9 @@ class Args:
     # --- algorithm ---
     num_envs: int = 16
     """parallel environments (a vector env) collecting each rollout"""
-    num_steps: int = 16
-    """steps per environment in a rollout; one update per rollout"""
-    learning_rate: tuple[float, ...] = (0.002,)
+    num_steps: int = 5
+    """steps per environment in a rollout; one update per rollout (short rollouts, many small updates: stable)"""
+    learning_rate: tuple[float, ...] = (0.001,)
     """Adam step size (one optimizer for policy and critic); several values train one agent per value and seed"""
     anneal_lr: bool = False
     """decay the learning rate linearly from its value to 0 at --total-timesteps"""
@@ -110,8 +110,9 @@ class Args:
     """discount factor, in [0, 1]"""
     gae_lambda: float = 1.0
     """GAE lambda in [0, 1]: 1 = n-step bootstrapped returns, 0 = one-step TD"""
-    normalize_advantages: bool = True
-    """standardize the advantages over the rollout (mean 0, std 1) before the policy loss"""
+    normalize_advantages: bool = False
+    """standardize the advantages over the rollout (mean 0, std 1) before the policy loss (once an agent is good,
+    its advantages are mostly noise, and standardizing blows the noise up to full-size steps)"""
     vf_coef: float = 0.5
     """weight of the value loss"""
     ent_coef: tuple[float, ...] = (0.0,)

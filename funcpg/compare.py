@@ -14,8 +14,9 @@ go in parallel processes, as many at once as the machine has cores (divided by -
 there and sends the run directory's files back. A run that fails is reported with its algorithm, env and seeds,
 and the others are still compared (exit status 1).
 
-Every seed is judged at its run's budget (--total-timesteps): its episodes past it are left out. (In a --num-seeds
-run of the REINFORCE scripts, agents train on until the last of them reaches the budget.)
+Every seed is judged at its run's budget (--total-timesteps): its episodes past it are left out. (A run stops at
+the first batch or rollout boundary at or after the budget, so its last batch may run past it; runs made by
+earlier versions of the REINFORCE scripts let --num-seeds agents train on until the last of them reached it.)
 Statistics, per algorithm and env, over its seeds:
   final return   each seed's mean return over its last 100 training episodes (the quantity --target-return and
                  the scripts' summary line use); the table gives its mean, std (ddof 1) and interquartile mean
@@ -249,9 +250,10 @@ def run_agents(path: str) -> tuple[dict, list[Agent]]:
     (--total-timesteps): its episodes up to that step, and its end where it reached it. ValueError if the
     directory is not usable.
 
-    Why the cut: in a --num-seeds run of the REINFORCE scripts every agent counts its own steps and the run
-    ends when the last agent reaches the budget, so the others train past it, by as much as their episode
-    lengths differ. Compared at their last episodes, agents would be compared at different budgets.
+    Why the cut: a run stops at the first batch (REINFORCE) or rollout (A2C) boundary at or after the budget,
+    so its last batch runs past it by up to a batch; and in runs made by earlier versions of the REINFORCE
+    scripts, --num-seeds agents trained on until the last of them reached the budget. Compared at their last
+    episodes, agents would be compared at different budgets.
     """
     config, episodes, updates = read_run_dir(path)
     budget = config.get("total_timesteps") or math.inf

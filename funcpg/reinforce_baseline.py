@@ -109,8 +109,9 @@ class Args:
     """minimum steps per environment in a batch; each env then finishes its current episode"""
     learning_rate: tuple[float, ...] = (0.005,)
     """Adam step size of the policy; several values train one agent per value and seed"""
-    anneal_lr: bool = False
-    """decay the learning rate linearly from its value to 0 at --total-timesteps"""
+    anneal_lr: bool = True
+    """decay the policy's learning rate linearly from its value to 0 at --total-timesteps (the value network keeps
+    --value-learning-rate): an agent keeps what it learned instead of drifting off it late in the run"""
     baseline: Literal["value", "batch-mean"] = "value"
     """b(s): a learned state value V(s) (regressed on the returns), or the batch mean of the returns"""
     value_learning_rate: float = 0.01
@@ -465,7 +466,7 @@ def make_agent_update(args: Args):
 
 
 def annealed(args: Args, hyper: dict[str, torch.Tensor], global_step: np.ndarray) -> dict[str, torch.Tensor]:
-    """hyper with every agent's learning rate scaled by 1 - global_step / total_timesteps (--anneal-lr), where
+    """hyper with every agent's policy learning rate scaled by 1 - global_step / total_timesteps (--anneal-lr), where
     global_step [A] is each agent's step when its batch began: the first update uses the full rate, the rate is
     a per-agent input of the step (a grid and --compile keep one graph)."""
     if not args.anneal_lr:

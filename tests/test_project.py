@@ -169,3 +169,32 @@ def test_algorithm_scripts_share_the_common_args_and_names(script):
                 "sample_action", "discounted_scan", "adam_init", "adam_step", "clip_grad_norm", "make_update",
                 "evaluate", "load_checkpoint", "save_checkpoint"}
     assert expected <= defined, f"{script.name} lacks {sorted(expected - defined)}"
+
+
+def test_lock_pins_every_declared_dependency_within_its_range():
+    """requirements.lock pins (==) every package that pyproject.toml's runtime and test dependencies name, at a
+    version inside the declared range, and pyproject's ranges have an upper bound (below an untested major)."""
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        pytest.skip("needs tomllib (Python >= 3.11)")
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+    from packaging.version import Version
+
+    with open(REPO / "pyproject.toml", "rb") as f:
+        project = tomllib.load(f)["project"]
+    pins = {}
+    for line in (REPO / "requirements.lock").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, _, version = line.partition("==")
+            assert version and " " not in line, f"requirements.lock: not a pin: {line!r}"
+            pins[canonicalize_name(name)] = Version(version)
+    declared = [Requirement(r) for r in project["dependencies"] + project["optional-dependencies"]["test"]]
+    for requirement in declared:
+        name = canonicalize_name(requirement.name)
+        assert name in pins, f"requirements.lock does not pin {requirement.name}"
+        assert requirement.specifier.contains(pins[name]), f"{name}=={pins[name]} is outside {requirement}"
+    for extra, requirements in {"": project["dependencies"], **project["optional-dependencies"]}.items():
+        for requirement in map(Requirement, requirements):
+            assert any(s.operator == "<" for s in requirement.specifier), f"{requirement} ({extra or 'runtime'}): no upper bound"
