@@ -102,15 +102,16 @@ class Args:
     """parallel environments (a vector env) collecting each batch"""
     num_steps: int = 64
     """minimum steps per environment in a batch; each env then finishes its current episode"""
-    learning_rate: tuple[float, ...] = (0.004,)
+    learning_rate: tuple[float, ...] = (0.005,)
     """Adam step size; several values train one agent per value and seed"""
-    anneal_lr: bool = True
-    """decay the learning rate linearly from its value to 0 at --total-timesteps: an agent keeps what it learned
-    instead of drifting off it late in the run"""
+    anneal_lr: bool = False
+    """decay the learning rate linearly from its value to 0 at --total-timesteps"""
     gamma: float = 0.99
     """discount factor, in [0, 1]"""
-    return_type: Literal["reward-to-go", "episode"] = "reward-to-go"
-    """weight of log pi(a_t|s_t): the return from t on, or the whole episode's return G_0"""
+    return_type: Literal["episode", "reward-to-go"] = "episode"
+    """weight of log pi(a_t|s_t): the whole episode's return G_0, or the return from t on. With "episode", a batch
+    whose episodes all return the same (a solved CartPole, an Acrobot that never swung up) gives no gradient at
+    all, so the policy does not drift; see the README"""
     normalize_returns: bool = True
     """standardize the returns over the batch (mean 0, std 1) before the loss"""
     ent_coef: tuple[float, ...] = (0.0,)

@@ -122,8 +122,9 @@ class Args:
     """weight of log pi(a_t|s_t): the return from t on, or the whole episode's return G_0"""
     normalize_advantages: bool = True
     """standardize the advantages G - b(s) over the batch (mean 0, std 1) before the policy loss"""
-    ent_coef: tuple[float, ...] = (0.0,)
-    """weight of the entropy bonus; several values train one agent per value (and learning rate and seed)"""
+    ent_coef: tuple[float, ...] = (0.02,)
+    """weight of the entropy bonus (it keeps an agent exploring until its first success, e.g. on Acrobot-v1);
+    several values train one agent per value (and learning rate and seed)"""
     max_grad_norm: float = 1.0
     """clip the global gradient norm of each network (policy, value) to this value (inf = no clipping)"""
     hidden_sizes: tuple[int, ...] = (64, 64)

@@ -265,7 +265,7 @@ def write_testenvs(directory: Path) -> dict:
 
 # The flags of the reference CartPole run; eval_every and save_every do not change the training trajectory.
 # a constant learning rate: a run resumed with a larger --total-timesteps then continues exactly (with --anneal-lr,
-# the REINFORCE scripts' default, the schedule spans the budget; see test_annealed_run_interrupted_...)
+# reinforce_baseline.py's default, the schedule spans the budget; see test_annealed_run_interrupted_...)
 REFERENCE = ["--seed", "1", "--eval-every", "10000", "--no-anneal-lr"]
 FULL, HALF = 30_000, 15_000
 
@@ -739,7 +739,7 @@ def test_runs_on_other_envs_and_flags(tmp_path, flags, script):
 
 
 def _reinforce_return_type(run_dir, config, ckpt, updates):
-    assert config["return_type"] == "episode"
+    assert config["return_type"] == "reward-to-go"
 
 
 def _no_normalize_returns(run_dir, config, ckpt, updates):
@@ -777,7 +777,7 @@ def _shared_trunk(run_dir, config, ckpt, updates):
 
 
 def _gae_lambda(run_dir, config, ckpt, updates):
-    assert config["gae_lambda"] == 0.95 and config["vf_coef"] == 0.25 and config["normalize_advantages"] is False
+    assert config["gae_lambda"] == 0.95 and config["vf_coef"] == 0.25 and config["normalize_advantages"] is True
 
 
 def _linear(run_dir, config, ckpt, updates):
@@ -786,8 +786,8 @@ def _linear(run_dir, config, ckpt, updates):
 
 
 SCRIPT_SPECIFIC = [
-    pytest.param(R, ["--return-type", "episode", "--total-timesteps", 3000], _reinforce_return_type,
-                 id="reinforce-return-type-episode"),
+    pytest.param(R, ["--return-type", "reward-to-go", "--total-timesteps", 3000], _reinforce_return_type,
+                 id="reinforce-return-type-reward-to-go"),
     pytest.param(R, ["--no-normalize-returns", "--total-timesteps", 3000], _no_normalize_returns,
                  id="reinforce-no-normalize-returns"),
     pytest.param(R, ["--env-id", "testenvs:Tiny-v0", "--total-timesteps", 1000], _own_module_env,
@@ -798,8 +798,8 @@ SCRIPT_SPECIFIC = [
                       "--no-normalize-advantages", "--total-timesteps", 3000], _value_baseline,
                  id="reinforce_baseline-value-lr-episode-no-normalize"),
     pytest.param(AC, ["--shared-trunk", "--total-timesteps", 3000], _shared_trunk, id="actor_critic-shared-trunk"),
-    pytest.param(AC, ["--gae-lambda", 0.95, "--vf-coef", 0.25, "--no-normalize-advantages",
-                      "--total-timesteps", 3000], _gae_lambda, id="actor_critic-gae-lambda-vf-coef-no-normalize"),
+    pytest.param(AC, ["--gae-lambda", 0.95, "--vf-coef", 0.25, "--normalize-advantages",
+                      "--total-timesteps", 3000], _gae_lambda, id="actor_critic-gae-lambda-vf-coef-normalize"),
     pytest.param(AC, ["--hidden-sizes", "--shared-trunk", "--total-timesteps", 2000], _linear,
                  id="actor_critic-linear-shared-trunk"),
 ]
@@ -1236,12 +1236,12 @@ def interrupting_updates(module, monkeypatch, at_call: int) -> None:
 
 @pytest.mark.parametrize("script", EXACT_RESUME)
 def test_annealed_run_interrupted_and_resumed_with_its_own_flags_is_exact(tmp_path, monkeypatch, script):
-    """With --anneal-lr (the REINFORCE scripts' default) the schedule spans --total-timesteps: a run Ctrl-C'd and
+    """With --anneal-lr (reinforce_baseline.py's default) the schedule spans --total-timesteps: a run Ctrl-C'd and
     resumed with its own flags continues the schedule, the env seeds and every agent's noise exactly."""
     import importlib
 
     module = importlib.import_module(f"funcpg.{script}")
-    flags = ["--num-seeds", "2", "--total-timesteps", "12000", "--eval-every", "5000", "--quiet"]
+    flags = ["--num-seeds", "2", "--total-timesteps", "12000", "--eval-every", "5000", "--quiet", "--anneal-lr"]
     assert_ok(run_script(script, *flags, "--run-dir", "straight", cwd=tmp_path))
     interrupting_updates(module, monkeypatch, at_call=4)
     args = module.parse_args(argv=[*flags, "--run-dir", str(tmp_path / "cut")])
