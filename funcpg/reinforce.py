@@ -328,8 +328,8 @@ def compute_returns(
 
 
 class Batch(NamedTuple):
-    """One batch of experience, every field [T, N, ...]: T = the steps the batch took, or under --compile the
-    buffer capacity with zero rows past the end (one shape for the whole run).
+    """One batch of experience, every field [T, N, ...]: T = the steps the batch took, or (under --compile, or with
+    several agents) the buffer capacity with zero rows past the end (one shape for the whole run).
     Each agent's rows past the end of its own batch (agents finish at different steps) are masked (valid = 0).
     Collected for A agents at once, each field has an agent dimension after the time dimension, [T, A, N, ...];
     update() sees one agent's [T, N, ...] (vmap)."""
@@ -816,7 +816,10 @@ def train(args: Args) -> dict:
     checkpoint = load_checkpoint(args.resume, device) if args.resume else None
     agents = agent_grid(args)
     num_agents = len(agents)
-    rollout = Rollout([make_env(args.env_id, args.num_envs) for _ in agents], args.num_steps, device, args.compile)
+    # one shape for every batch under --compile, and with several agents too: then no agent's update depends on
+    # how long another agent's batch ran (the padding would change its float sums), so each agent is exact alone
+    rollout = Rollout([make_env(args.env_id, args.num_envs) for _ in agents], args.num_steps, device,
+                      fixed_shape=args.compile or num_agents > 1)
     envs = rollout.envs[0]
     check_env(args.env_id, envs)
     continuous = isinstance(envs.single_action_space, gym.spaces.Box)

@@ -265,9 +265,14 @@ def test_k_seed_run_resumes_exactly(tmp_path, script):
     constant learning rate: --anneal-lr's schedule spans the budget (tests/test_cli.py tests it on its own)."""
     common = ["--num-seeds", 2, "--eval-every", 2000, "--eval-episodes", 2, "--quiet", "--no-anneal-lr"]
     assert_ok(run_script(script, *common, "--total-timesteps", 6000, "--run-dir", "straight", cwd=tmp_path))
-    assert_ok(run_script(script, *common, "--total-timesteps", 2600, "--run-dir", "half", cwd=tmp_path))
-    # a crash after the checkpoint: rows of a later update that the checkpoint does not hold
     _, straight_updates = read_csv(tmp_path / "straight" / "updates.csv")
+    # a budget that agent 1 and agent 2 cross at different updates: just past the smaller of their steps at the
+    # first update where those differ
+    one, two = ([int(row["global_step"]) for row in rows] for rows in per_seed(straight_updates).values())
+    half = next(min(a, b) for a, b in zip(one, two) if a != b) + 1
+    assert half < 6000
+    assert_ok(run_script(script, *common, "--total-timesteps", half, "--run-dir", "half", cwd=tmp_path))
+    # a crash after the checkpoint: rows of a later update that the checkpoint does not hold
     _, half_updates = read_csv(tmp_path / "half" / "updates.csv")
     counts = Counter(row["seed"] for row in half_updates)  # the agents stopped at different updates
     assert len(counts) == 2 and len(set(counts.values())) == 2, counts
