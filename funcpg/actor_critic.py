@@ -705,7 +705,7 @@ def trim_csv(path: str, max_steps: dict[tuple[str, ...], int]) -> None:
 
 
 class Logger:
-    """CSV files of DESIGN.md section 4 (one row per agent: its seed, and its hyperparameters when a run trains a
+    """The run directory's CSV files (one row per agent: its seed, and its hyperparameters when a run trains a
     grid of them), optional TensorBoard (one writer per agent), and the live progress line."""
 
     def __init__(self, args: Args, run_dir: str, resume_steps: Optional[list[int]], agents: list[dict]):

@@ -25,8 +25,9 @@ the env's time limit), so the compiled update sees one shape for the whole run.
 
 Many agents in one process: --num-seeds K trains K independent agents (seeds seed .. seed+K-1), and several
 --learning-rate / --ent-coef values train the grid (values x seeds). Their parameters and Adam states are
-stacked along a leading agent dimension, the update is torch.func.vmap-ed over it, and one vector env of
-agents x num_envs environments collects every agent's batch at once.
+stacked along a leading agent dimension, the update is torch.func.vmap-ed over it, and acting is one batched
+forward pass. Each agent has a vector env, env seeds and action noise of its own, and stops learning at its own
+first batch boundary at or after --total-timesteps (a K-agent run resumed with a larger budget stays exact).
 
 Run: python reinforce_baseline.py --env-id CartPole-v1     (python reinforce_baseline.py --help for every flag)
 """
@@ -122,9 +123,9 @@ class Args:
     """weight of log pi(a_t|s_t): the return from t on, or the whole episode's return G_0"""
     normalize_advantages: bool = True
     """standardize the advantages G - b(s) over the batch (mean 0, std 1) before the policy loss"""
-    ent_coef: tuple[float, ...] = (0.02,)
-    """weight of the entropy bonus (it keeps an agent exploring until its first success, e.g. on Acrobot-v1);
-    several values train one agent per value (and learning rate and seed)"""
+    ent_coef: tuple[float, ...] = (0.03,)
+    """weight of the entropy bonus (it keeps an agent near uniform until its first success: on Acrobot-v1 agents
+    without it learned to damp the swing); several values train one agent per value (and learning rate and seed)"""
     max_grad_norm: float = 1.0
     """clip the global gradient norm of each network (policy, value) to this value (inf = no clipping)"""
     hidden_sizes: tuple[int, ...] = (64, 64)
@@ -772,7 +773,7 @@ def trim_csv(path: str, max_steps: dict[tuple[str, ...], int]) -> None:
 
 
 class Logger:
-    """CSV files of DESIGN.md section 4 (one row per agent: its seed, and its hyperparameters when a run trains a
+    """The run directory's CSV files (one row per agent: its seed, and its hyperparameters when a run trains a
     grid of them), optional TensorBoard (one writer per agent), and the live progress line."""
 
     def __init__(self, args: Args, run_dir: str, resume_steps: Optional[list[int]], agents: list[dict]):

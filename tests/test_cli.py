@@ -1,4 +1,4 @@
-"""End-to-end tests of the algorithm scripts as command-line programs (DESIGN.md sections 3, 4 and 6).
+"""End-to-end tests of the algorithm scripts as command-line programs: flags, run directory, bad input.
 
 funcpg/reinforce.py, funcpg/reinforce_baseline.py and funcpg/actor_critic.py share one contract, so most tests
 are parametrized over the three scripts; flags that only one script has get their own cases. Every test runs a
@@ -155,7 +155,7 @@ def env_with_pythonpath(path: Path) -> dict:
 
 
 def expected_eval_steps(update_steps: list[int], eval_every: int) -> list[int]:
-    """Where a run evaluates (DESIGN.md: every --eval-every steps and at the end; 0 = never)."""
+    """Where a run evaluates (every --eval-every steps and at the end; 0 = never)."""
     if eval_every == 0:
         return []
     found, previous = [], 0
@@ -298,7 +298,7 @@ def shared(tmp_path_factory):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# 1. a default run writes DESIGN.md section 4's files
+# 1. a default run writes the run directory's files
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -432,7 +432,7 @@ def test_help_shows_every_flag_with_its_docstring(tmp_path, script):
     present = [flag for flag in foreign if has_flag(text, flag)]
     assert present == [], f"{script}'s --help shows flags of another script: {present}"
 
-    # DESIGN.md section 3's common flags (--num-seeds comes with multi-seed training)
+    # the flags every script shares (--num-seeds comes with multi-seed training)
     missing = [flag for flag in SECTION3_FLAGS if not has_flag(text, flag)]
     assert missing == ["--num-seeds"] or missing == [], missing
 
@@ -845,7 +845,7 @@ def test_tensorboard_events_and_videos(tmp_path, script):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# 8. bad input (DESIGN.md section 6)
+# 8. bad input
 # ----------------------------------------------------------------------------------------------------------------
 
 CUDA = torch.cuda.is_available()

@@ -1,6 +1,6 @@
 """Many agents in one process: --num-seeds K and --learning-rate / --ent-coef grids (issue 4).
 
-What must hold (DESIGN.md sections 4 and 5):
+What must hold:
 - the agents are independent: the vmapped update of one agent depends on its own parameters, optimizer state,
   batch and hyperparameters only (perturb one agent's batch: only its gradient and step change);
 - agent i of a K-seed run is the agent of a one-seed run with seed + i: the same initial parameters, its own
@@ -225,7 +225,7 @@ def test_grid_of_learning_rates_and_ent_coefs_tags_every_row(tmp_path):
     i = next(k for k, a in enumerate(agents) if (a["seed"], a["learning_rate"], a["ent_coef"]) == (1, 1e-3, 0.0))
     j = next(k for k, a in enumerate(agents) if (a["seed"], a["learning_rate"], a["ent_coef"]) == (1, 3e-3, 0.0))
     assert not torch.allclose(ckpt["params"]["pi.0.weight"][i], ckpt["params"]["pi.0.weight"][j])
-    # a run without a grid keeps DESIGN.md's columns exactly
+    # a run without a grid keeps the one-seed columns exactly
     assert_ok(run_script(AC, "--num-seeds", 2, "--total-timesteps", 500, "--run-dir", "plain", "--quiet",
                          "--eval-every", 0, cwd=tmp_path))
     header, _ = read_csv(tmp_path / "plain" / "updates.csv")

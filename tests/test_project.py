@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-# DESIGN.md section 1: one file per algorithm (all three must exist: a missing one fails, it is not skipped)
+# one file per algorithm (all three must exist: a missing one fails, it is not skipped)
 ALGORITHM_SCRIPTS = [REPO / "funcpg" / name for name in ("reinforce.py", "reinforce_baseline.py", "actor_critic.py")]
 ALLOWED_THIRD_PARTY = {"torch", "gymnasium", "numpy", "tyro"}
 
@@ -135,7 +135,7 @@ def test_every_algorithm_script_exists_and_names_itself():
     except ImportError:  # Python 3.10
         pytest.skip("needs tomllib (Python >= 3.11)")
     missing = [script.name for script in ALGORITHM_SCRIPTS if not script.exists()]
-    assert missing == [], f"DESIGN.md section 1 lists {missing}, which do not exist"
+    assert missing == [], f"the algorithm scripts {missing} do not exist"
     for script in ALGORITHM_SCRIPTS:
         assert _string_constant(script, "ALGORITHM") == script.stem, script.name
     with open(REPO / "pyproject.toml", "rb") as f:
@@ -149,7 +149,7 @@ def args_field_names(script: Path) -> list[str]:
     return [n.target.id for n in cls.body if isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Name)]
 
 
-# DESIGN.md section 3 (as Args fields; --num-seeds comes with multi-seed training), plus num_steps and the
+# the shared flags (as Args fields; --num-seeds comes with multi-seed training), plus num_steps and the
 # experiment plumbing that the three scripts share
 COMMON_FIELDS = ["env_id", "seed", "num_envs", "num_steps", "total_timesteps", "learning_rate", "gamma", "ent_coef",
                  "max_grad_norm", "hidden_sizes", "compile", "device", "target_return", "eval_every", "eval_episodes",
@@ -162,7 +162,7 @@ def test_algorithm_scripts_share_the_common_args_and_names(script):
     fields = args_field_names(script)
     missing = [name for name in COMMON_FIELDS if name not in fields]
     assert missing == [], f"{script.name}'s Args lacks the common fields {missing}"
-    # DESIGN.md section 2 and 1: the names every script exposes, and the same names for the same things
+    # the names every script exposes, and the same names for the same things
     defined = {n.name for n in ast.parse(script.read_text()).body
                if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
     expected = {"Args", "train", "main", "validate", "make_env", "check_env", "init_params", "mlp", "log_prob_entropy",
