@@ -171,6 +171,31 @@ def test_algorithm_scripts_share_the_common_args_and_names(script):
     assert expected <= defined, f"{script.name} lacks {sorted(expected - defined)}"
 
 
+def test_lock_pins_every_package_the_install_pulls_in():
+    """Walk the installed requirements of funcpg[test] transitively (markers evaluated on this machine): every package
+    it pulls in, direct or not, is pinned in requirements.lock, so an install through the lock is the tested one."""
+    from importlib import metadata
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    pins = {canonicalize_name(line.partition("==")[0])
+            for line in (REPO / "requirements.lock").read_text().splitlines() if line.strip() and not line.startswith("#")}
+    seen, todo = set(), [("funcpg", "test")]
+    while todo:
+        name, extra = todo.pop()
+        for requirement in map(Requirement, metadata.distribution(name).requires or []):
+            if requirement.marker is not None and not requirement.marker.evaluate({"extra": extra}):
+                continue
+            for wanted in [""] + sorted(requirement.extras):
+                key = (canonicalize_name(requirement.name), wanted)
+                if key not in seen:
+                    seen.add(key)
+                    todo.append((requirement.name, wanted))
+    missing = sorted({name for name, _ in seen} - pins)
+    assert missing == [], f"requirements.lock does not pin {missing}, which installing funcpg[test] pulls in"
+
+
 def test_lock_pins_every_declared_dependency_within_its_range():
     """requirements.lock pins (==) every package that pyproject.toml's runtime and test dependencies name, at a
     version inside the declared range, and pyproject's ranges have an upper bound (below an untested major)."""
