@@ -4,12 +4,23 @@
 from __future__ import annotations
 
 import dataclasses
+import signal
 from typing import Sequence
 
 import pytest
 import torch
 import torch._dynamo
 from torch import nn
+
+
+@pytest.fixture(autouse=True, scope="session")
+def ctrl_c_raises_keyboard_interrupt():
+    """Python's own Ctrl-C handler in the test process, whatever it inherited: a test run started in the background by
+    a non-interactive shell inherits SIGINT ignored, and so would every script the Ctrl-C tests start (a handled
+    signal is reset to the default in a child, an ignored one stays ignored), so those tests would test the shell."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
 
 
 def agent_hyper(learning_rate: float | Sequence[float], ent_coef: float | Sequence[float]) -> dict[str, torch.Tensor]:
