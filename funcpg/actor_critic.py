@@ -123,6 +123,12 @@ class Args:
     """hidden layer widths of the tanh MLPs for policy and value (none = linear)"""
     shared_trunk: bool = False
     """policy and critic share their hidden layers (separate networks by default)"""
+    log_std_init: float = 0.0
+    """initial log standard deviation of the Gaussian policy (continuous actions)"""
+    normalize_obs: bool = False
+    """feed the networks observations standardized by their running mean and variance, clipped to [-10, 10]"""
+    normalize_reward: bool = False
+    """divide rewards by the running standard deviation of the discounted return (clipped to [-10, 10])"""
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -175,10 +181,11 @@ def init_params(
     continuous: bool,
     generator: torch.Generator,
     shared_trunk: bool = False,
+    log_std_init: float = 0.0,
 ) -> dict[str, torch.Tensor]:
     """Policy "pi.*" and critic "v.*" MLPs, or (shared_trunk) hidden layers "trunk.*" with two linear heads:
     orthogonal init (gain sqrt(2) for hidden layers, 0.01 for the policy output, 1 for the value output),
-    zero biases; log-std = 0."""
+    zero biases; the Gaussian's log-std (continuous actions) = log_std_init."""
     params = {}
     trunk_sizes = [obs_dim, *hidden_sizes] if shared_trunk and hidden_sizes else [obs_dim]
     for i, (n_in, n_out) in enumerate(zip(trunk_sizes[:-1], trunk_sizes[1:])):
@@ -192,7 +199,7 @@ def init_params(
             params[f"{prefix}.{i}.weight"] = torch.nn.init.orthogonal_(torch.empty(n_out, n_in), gain, generator=generator)
             params[f"{prefix}.{i}.bias"] = torch.zeros(n_out)
     if continuous:
-        params["pi.log_std"] = torch.zeros(action_dim)
+        params["pi.log_std"] = torch.full((action_dim,), float(log_std_init))
     return params
 
 
@@ -339,6 +346,58 @@ def compute_advantages(
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Running statistics: observation normalization and reward scaling as pure per-agent state
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def stats_init(shape: tuple[int, ...], device: torch.device) -> dict[str, torch.Tensor]:
+    """Mean 0, variance 1, count 0 of values shaped `shape` (float64): normalizing with them changes nothing."""
+    return {"mean": torch.zeros(shape, dtype=torch.float64, device=device),
+            "var": torch.ones(shape, dtype=torch.float64, device=device),
+            "count": torch.zeros((), dtype=torch.float64, device=device)}
+
+
+def update_stats(stats: dict[str, torch.Tensor], x: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Merge the entries x[i] where mask[i] = 1 (mask [B...], x [B..., *shape]) into stats (Chan et al.'s
+    parallel update): afterwards they hold the mean and population variance of every value merged so far."""
+    w, x, dims = mask.to(torch.float64), x.to(torch.float64), tuple(range(mask.dim()))
+    n = w.sum()
+    w = w.reshape(*mask.shape, *([1] * (x.dim() - mask.dim())))
+    batch_mean = (x * w).sum(dims) / n.clamp(min=1.0)
+    batch_var = ((x - batch_mean).square() * w).sum(dims) / n.clamp(min=1.0)
+    total = stats["count"] + n
+    delta = batch_mean - stats["mean"]
+    frac = n / total.clamp(min=1.0)  # 0 when the batch is empty
+    m2 = stats["var"] * stats["count"] + batch_var * n + delta.square() * stats["count"] * frac
+    var = torch.where(total > 0, m2 / total.clamp(min=1.0), stats["var"])
+    return {"mean": stats["mean"] + delta * frac, "var": var, "count": total}
+
+
+def normalize_obs(stats: dict[str, torch.Tensor], obs: torch.Tensor) -> torch.Tensor:
+    """(obs - mean) / sqrt(var + 1e-8), clipped to [-10, 10]; stats broadcast against obs [..., obs_dim]."""
+    return ((obs - stats["mean"]) / (stats["var"] + 1e-8).sqrt()).clamp(-10.0, 10.0).to(obs.dtype)
+
+
+def discounted_returns_so_far(
+    rewards: torch.Tensor, dones: torch.Tensor, carry: torch.Tensor, gamma: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The discounted return of each env's episode up to each step, R_t = r_t + gamma * R_{t-1} (R restarts at 0
+    after a done), for rewards and dones [T, N] and carry [N] = R before the first step (0 after a done).
+    Returns R [T, N] and the carry for the next rollout. The reward scale is the running std of R."""
+    a = gamma * torch.cat([torch.ones_like(dones[:1]), 1.0 - dones[:-1]])  # R_{t-1} continues unless done_{t-1}
+    running = discounted_scan(rewards.flip(0), a.flip(0), carry).flip(0)  # a forward scan, run backwards
+    return running, running[-1] * (1.0 - dones[-1])
+
+
+def norm_init(obs_dim: int, num_envs: int, device: torch.device) -> dict:
+    """One agent's normalization state: observation statistics, return statistics and each env's running
+    discounted return (the carry of discounted_returns_so_far)."""
+    return {"obs": stats_init((obs_dim,), device), "return": stats_init((), device),
+            "running_return": torch.zeros(num_envs, device=device)}
+
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Loss, optimizer, update
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -423,12 +482,27 @@ def clip_grad_norm(grads: dict[str, torch.Tensor], max_norm: float) -> tuple[dic
 
 
 def make_agent_update(args: Args):
-    """One agent's learning step as a pure function update(params, opt_state, batch, hyper) -> (params,
-    opt_state, metrics): values, GAE scan, loss, gradient, clipping and Adam.
-    batch [T, N, ...]; hyper {"learning_rate", "ent_coef"}: this agent's values (0-d tensors).
+    """One agent's learning step as a pure function update(params, opt_state, norm, batch, hyper) -> (params,
+    opt_state, norm, metrics): normalization, values, GAE scan, loss, gradient, clipping and Adam.
+    norm: this agent's running statistics (norm_init); batch [T, N, ...] as collected (raw observations and
+    rewards); hyper {"learning_rate", "ent_coef"}: this agent's values (0-d tensors).
+    --normalize-obs: the networks see the observations normalized with the statistics the rollout acted with
+    (so log pi is the acting policy's); the batch's observations then join the statistics.
+    --normalize-reward: the batch's discounted returns so far join the return statistics first, then every
+    reward is divided by their std (clipped to [-10, 10]); values and advantages are in those units.
     """
 
-    def update(params: dict[str, torch.Tensor], opt_state: dict, batch: Batch, hyper: dict[str, torch.Tensor]):
+    def update(params: dict[str, torch.Tensor], opt_state: dict, norm: dict, batch: Batch,
+               hyper: dict[str, torch.Tensor]):
+        if args.normalize_obs:
+            obs = normalize_obs(norm["obs"], batch.obs)  # with the statistics the rollout acted with
+            norm = {**norm, "obs": update_stats(norm["obs"], batch.obs[:-1], batch.valid)}
+            batch = batch._replace(obs=obs)
+        if args.normalize_reward:
+            running, carry = discounted_returns_so_far(batch.rewards, batch.dones, norm["running_return"], args.gamma)
+            norm = {**norm, "return": update_stats(norm["return"], running, batch.valid), "running_return": carry}
+            scale = (norm["return"]["var"] + 1e-8).sqrt()
+            batch = batch._replace(rewards=(batch.rewards / scale).clamp(-10.0, 10.0).to(batch.rewards.dtype))
         values = value(params, batch.obs).detach()  # targets are constants: no gradient through them
         advantages, returns = compute_advantages(batch.rewards, values, batch.terminated, batch.dones, args.gamma,
                                                  args.gae_lambda)
@@ -443,7 +517,7 @@ def make_agent_update(args: Args):
                              + [torch.isfinite(p).all() for p in params.values()]).all()
         metrics = {"loss": loss, "policy_loss": pg_loss, "value_loss": value_loss, "entropy": entropy,
                    "grad_norm": grad_norm, "finite": finite}
-        return params, opt_state, metrics
+        return params, opt_state, norm, metrics
 
     return update
 
@@ -459,16 +533,16 @@ def annealed(args: Args, hyper: dict[str, torch.Tensor], global_step: np.ndarray
 
 
 def make_update(args: Args):
-    """The learning step of every agent as one pure function (params, opt_state, batch, hyper) -> (params,
-    opt_state, metrics) over stacked agents: parameters and Adam states [A, ...], batch [T, A, N, ...],
-    hyper {"learning_rate", "ent_coef"} [A]; every metric [A].
+    """The learning step of every agent as one pure function (params, opt_state, norm, batch, hyper) -> (params,
+    opt_state, norm, metrics) over stacked agents: parameters, Adam states and normalization states [A, ...],
+    batch [T, A, N, ...], hyper {"learning_rate", "ent_coef"} [A]; every metric [A].
 
     torch.func.vmap maps make_agent_update's step over the agents, so no agent sees another's data; --compile
     hands the vmapped step to torch.compile as one graph. Its inputs have the same shapes every batch, so it
     compiles once per run.
     """
     update = make_agent_update(args)
-    batched = vmap(update, in_dims=(0, 0, 1, 0))  # the batch's agent dimension is dim 1: [T, A, N, ...]
+    batched = vmap(update, in_dims=(0, 0, 0, 1, 0))  # the batch's agent dimension is dim 1: [T, A, N, ...]
     if args.compile:
         # on the CPU, Inductor's C++ wrapper calls the kernels without Python in between: ~20% faster per update here
         options = {"cpp_wrapper": True} if resolve_device(args.device).type == "cpu" else {}
@@ -476,13 +550,14 @@ def make_update(args: Args):
     if len(agent_grid(args)) > 1:
         return batched
 
-    def one_agent(params: dict[str, torch.Tensor], opt_state: dict, batch: Batch, hyper: dict[str, torch.Tensor]):
+    def one_agent(params: dict[str, torch.Tensor], opt_state: dict, norm: dict, batch: Batch,
+                  hyper: dict[str, torch.Tensor]):
         """The same step for a lone agent without vmap, whose eager dispatch costs ~2 ms per update here."""
         if batch.rewards.shape[1] != 1:
             raise ValueError(f"make_update({agent_grid(args)}) got a batch of {batch.rewards.shape[1]} agents")
-        params, opt_state, metrics = update(agent_slice(params, 0), agent_slice(opt_state, 0),
-                                            Batch(*(x[:, 0] for x in batch)), agent_slice(hyper, 0))
-        return stack_agents([params]), stack_agents([opt_state]), stack_agents([metrics])
+        out = update(agent_slice(params, 0), agent_slice(opt_state, 0), agent_slice(norm, 0),
+                     Batch(*(x[:, 0] for x in batch)), agent_slice(hyper, 0))
+        return tuple(stack_agents([x]) for x in out)
 
     return one_agent
 
@@ -511,10 +586,12 @@ class Rollout:
         self.previous_done = np.zeros(n, dtype=bool)  # carried across rollouts: the next step only resets
         self.episode_return, self.episode_length = np.zeros(n), np.zeros(n, dtype=np.int64)
 
-    def collect(self, params: dict[str, torch.Tensor], generator: torch.Generator, on_episode) -> tuple[Batch, int]:
-        """Run num_steps steps of every agent (params stacked [A, ...]). on_episode(t, env, return, length) is
-        called for every finished episode (t = steps per env so far in this rollout; env = sub-env index, of agent
-        env // N). Returns the batch [T, A, N, ...] and num_steps.
+    def collect(self, params: dict[str, torch.Tensor], obs_stats: Optional[dict], generator: torch.Generator,
+                on_episode) -> tuple[Batch, int]:
+        """Run num_steps steps of every agent (params stacked [A, ...]; the policy sees the observations normalized
+        with obs_stats [A, obs_dim], or raw if None). on_episode(t, env, return, length) is called for every
+        finished episode (t = steps per env so far in this rollout; env = sub-env index, of agent env // N).
+        Returns the batch [T, A, N, ...] of raw observations and rewards, and num_steps.
         The batch's tensors share memory with this Rollout's buffers: the next collect overwrites them.
         """
         n, num_steps, num_agents = self.envs.num_envs, self.num_steps, self.num_agents
@@ -530,6 +607,8 @@ class Rollout:
             for t in range(num_steps):
                 self.obs[t] = obs
                 obs_t = torch.from_numpy(self.obs[t]).to(self.device).view(num_agents, n // num_agents, -1)
+                if obs_stats is not None:
+                    obs_t = normalize_obs(obs_stats, obs_t)
                 action = sample_action(params, obs_t, noise[t]).view(n, *self.actions.shape[2:]).cpu().numpy()
                 self.actions[t] = action
                 if self.continuous:
@@ -552,9 +631,17 @@ class Rollout:
         return Batch(*(per_agent(x) for x in (self.obs, self.actions, rewards, terms, dones, valid))), num_steps
 
 
-def evaluate(args: Args, params: dict[str, torch.Tensor], seed: int, device: torch.device) -> np.ndarray:
+def agent_rows(stats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Stacked statistics [A, *shape] made to broadcast against one batch of observations per agent [A, M, ...]."""
+    return {k: v.unsqueeze(1) for k, v in stats.items()}
+
+
+def evaluate(
+    args: Args, params: dict[str, torch.Tensor], obs_stats: Optional[dict], seed: int, device: torch.device
+) -> np.ndarray:
     """Returns [A, eval_episodes]: each agent's (params stacked [A, ...]) first episode on each of its
-    args.eval_episodes envs of a separate vector env, at args.eval_temperature."""
+    args.eval_episodes envs of a separate vector env, at args.eval_temperature. The policy sees observations
+    normalized with the frozen obs_stats [A, ...] (None: raw)."""
     num_agents = next(iter(params.values())).shape[0]
     envs = make_env(args.env_id, num_agents * args.eval_episodes)
     generator = torch.Generator(device=device).manual_seed(seed)
@@ -564,6 +651,8 @@ def evaluate(args: Args, params: dict[str, torch.Tensor], seed: int, device: tor
     returns, finished = np.zeros(envs.num_envs), np.zeros(envs.num_envs, dtype=bool)
     while not finished.all():
         obs_t = torch.as_tensor(obs, dtype=torch.float32, device=device).view(num_agents, args.eval_episodes, -1)
+        if obs_stats is not None:
+            obs_t = normalize_obs(agent_rows(obs_stats), obs_t)
         with torch.inference_mode():
             out_shape = (num_agents, args.eval_episodes, space.shape[0] if continuous else int(space.n))
             action = sample_action(params, obs_t, action_noise(out_shape, continuous, generator, device),
@@ -579,10 +668,11 @@ def evaluate(args: Args, params: dict[str, torch.Tensor], seed: int, device: tor
 
 
 def record_video(
-    args: Args, params: dict[str, torch.Tensor], seed: int, device: torch.device, video_dir: str, name: str
+    args: Args, params: dict[str, torch.Tensor], obs_stats: Optional[dict], seed: int, device: torch.device,
+    video_dir: str, name: str
 ) -> None:
-    """One evaluation episode of one agent (its own, unstacked params) rendered to video_dir/{name}-episode-0.mp4
-    (gymnasium's RecordVideo; needs moviepy)."""
+    """One evaluation episode of one agent (its own, unstacked params and obs_stats, None: raw observations)
+    rendered to video_dir/{name}-episode-0.mp4 (gymnasium's RecordVideo; needs moviepy)."""
     with warnings.catch_warnings():  # RecordVideo warns whenever the folder already exists
         warnings.simplefilter("ignore")
         env = gym.wrappers.RecordVideo(gym.make(args.env_id, render_mode="rgb_array"), video_dir,
@@ -594,7 +684,8 @@ def record_video(
     done = False
     while not done:
         with torch.inference_mode():
-            action = sample_action(params, torch.as_tensor(obs, dtype=torch.float32, device=device)[None],
+            obs_t = torch.as_tensor(obs, dtype=torch.float32, device=device)[None]
+            action = sample_action(params, obs_t if obs_stats is None else normalize_obs(obs_stats, obs_t),
                                    action_noise(out_shape, continuous, generator, device),
                                    args.eval_temperature)[0].cpu().numpy()
         if continuous:
@@ -616,8 +707,8 @@ CSV_COLUMNS = {
 
 
 GRID_COLUMNS = ["learning_rate", "ent_coef"]  # appended to every CSV when a run trains several values of either
-CHECKPOINT_KEYS = {"algorithm", "env_id", "args", "agents", "params", "opt_state", "global_step", "num_updates",
-                   "wall_time", "recent_returns", "rng_state"}
+CHECKPOINT_KEYS = {"algorithm", "env_id", "args", "agents", "params", "opt_state", "norm", "global_step",
+                   "num_updates", "wall_time", "recent_returns", "rng_state"}
 
 
 class NonFiniteLoss(RuntimeError):
@@ -808,15 +899,18 @@ def train(args: Args) -> dict:
     if checkpoint is None:
         # agent i starts from exactly the parameters a one-agent run with its seed starts from
         params = stack_agents([init_params(obs_dim, action_dim, tuple(args.hidden_sizes), continuous,
-                                           torch.Generator().manual_seed(a["seed"]), args.shared_trunk) for a in agents])
+                                           torch.Generator().manual_seed(a["seed"]), args.shared_trunk,
+                                           args.log_std_init) for a in agents])
         params = {k: v.to(device) for k, v in params.items()}
         opt_state = stack_agents([adam_init(agent_slice(params, i)) for i in range(num_agents)])
+        norm = stack_agents([norm_init(obs_dim, args.num_envs, device) for _ in agents])
         global_step, num_updates, wall_offset = 0, 0, 0.0
         recent = [deque(maxlen=100) for _ in agents]
         run_dir = args.run_dir or unused_path(os.path.join(
             "runs", f"{args.env_id.replace('/', '-').replace(':', '-')}__{args.exp_name}__{args.seed}__{int(time.time())}"))
     else:
-        params, opt_state = checkpoint["params"], checkpoint["opt_state"]
+        params, opt_state, norm = checkpoint["params"], checkpoint["opt_state"], checkpoint["norm"]
+        norm["running_return"].zero_()  # the environments start afresh
         global_step, num_updates = checkpoint["global_step"], checkpoint["num_updates"]
         wall_offset = checkpoint["wall_time"]
         recent = [deque(r, maxlen=100) for r in checkpoint["recent_returns"]]
@@ -841,15 +935,17 @@ def train(args: Args) -> dict:
 
     def snapshot() -> dict:
         return {"algorithm": ALGORITHM, "env_id": args.env_id, "args": args_dict, "agents": agents,
-                "params": params, "opt_state": opt_state, "global_step": global_step, "num_updates": num_updates,
+                "params": params, "opt_state": opt_state, "norm": norm, "global_step": global_step,
+                "num_updates": num_updates,
                 "wall_time": wall(), "recent_returns": [list(r) for r in recent], "rng_state": generator.get_state()}
 
     def run_evaluation() -> None:
         seed = derived_seed(args.seed, 1, global_step)
-        returns = evaluate(args, params, seed, device)
+        obs_stats = norm["obs"] if args.normalize_obs else None  # frozen: evaluation never updates them
+        returns = evaluate(args, params, obs_stats, seed, device)
         if args.capture_video:  # the first agent's
-            record_video(args, agent_slice(params, 0), seed, device, os.path.join(run_dir, "videos"),
-                         f"eval-step{global_step}")
+            record_video(args, agent_slice(params, 0), None if obs_stats is None else agent_slice(obs_stats, 0), seed,
+                         device, os.path.join(run_dir, "videos"), f"eval-step{global_step}")
         for i, r in enumerate(returns):
             evaluations[i].append((global_step, float(r.mean()), float(r.std())))
             logger.row("eval.csv", i, [global_step, float(r.mean()), float(r.std()), len(r)])
@@ -871,13 +967,14 @@ def train(args: Args) -> dict:
                 logger.scalar("charts/episodic_length", agent, length, step)
 
             # ----- collect a rollout of every agent -----
-            batch, steps_per_env = rollout.collect(params, generator, on_episode)
+            batch, steps_per_env = rollout.collect(params, agent_rows(norm["obs"]) if args.normalize_obs else None,
+                                                   generator, on_episode)
             global_step += steps_per_env * args.num_envs
 
             # ----- learn, log, evaluate, save: all or nothing (a Ctrl-C here waits for the end) -----
             with ctrl_c_deferred():
-                params, opt_state, metrics = update(params, opt_state, batch,
-                                                    annealed(args, hyper, np.full(num_agents, batch_start_step)))
+                params, opt_state, norm, metrics = update(params, opt_state, norm, batch,
+                                                          annealed(args, hyper, np.full(num_agents, batch_start_step)))
                 num_updates += 1
                 if not metrics["finite"].all():
                     save_checkpoint(checkpoint_path, last_good)

@@ -266,20 +266,23 @@ def update_per_call(args: BenchArgs, algo: str, module, num_envs: int, num_steps
     envs = module.make_env(args.env_id, num_envs)
     space = envs.single_action_space
     continuous = isinstance(space, gym.spaces.Box)
-    params = module.stack_agents([module.init_params(envs.single_observation_space.shape[0],
-                                                     space.shape[0] if continuous else int(space.n),
+    obs_dim = envs.single_observation_space.shape[0]
+    params = module.stack_agents([module.init_params(obs_dim, space.shape[0] if continuous else int(space.n),
                                                      margs.hidden_sizes, continuous, torch.Generator().manual_seed(0))])
     opt_state = module.stack_agents([module.adam_init(module.agent_slice(params, 0))])
+    generator, cpu = torch.Generator().manual_seed(0), torch.device("cpu")
+    # actor_critic's state also carries each env's running return from one rollout to the next
+    norm = module.stack_agents([module.norm_init(obs_dim, num_envs, cpu) if algo == "actor_critic"
+                                else module.norm_init(obs_dim, cpu)])
     hyper = {"learning_rate": torch.tensor(margs.learning_rate[:1], dtype=torch.float64),
              "ent_coef": torch.tensor(margs.ent_coef[:1])}
-    generator, cpu = torch.Generator().manual_seed(0), torch.device("cpu")
     if algo == "actor_critic":  # fixed-size rollouts of envs that run on
-        batch, _ = module.Rollout(envs, 1, num_steps, cpu, 0).collect(params, generator, lambda *a: None)
+        batch, _ = module.Rollout(envs, 1, num_steps, cpu, 0).collect(params, None, generator, lambda *a: None)
     else:  # batches of complete episodes, padded to the buffer's capacity as under --compile
         batch, _ = module.Rollout([envs], num_steps, cpu, fixed_shape=True).collect(
-            params, [generator], [0], np.ones(1, dtype=bool), lambda *a: None)
+            params, None, [generator], [0], np.ones(1, dtype=bool), lambda *a: None)
     envs.close()
-    inputs = (params, opt_state, batch, hyper)
+    inputs = (params, opt_state, norm, batch, hyper)
     torch._dynamo.reset()
     compiled = module.make_update(dataclasses.replace(margs, compile=True))
     start = time.perf_counter()

@@ -130,6 +130,12 @@ class Args:
     """clip the global gradient norm of each network (policy, value) to this value (inf = no clipping)"""
     hidden_sizes: tuple[int, ...] = (64, 64)
     """hidden layer widths of the tanh MLPs for policy and value (none = linear)"""
+    log_std_init: float = 0.0
+    """initial log standard deviation of the Gaussian policy (continuous actions)"""
+    normalize_obs: bool = False
+    """feed the networks observations standardized by their running mean and variance, clipped to [-10, 10]"""
+    normalize_reward: bool = False
+    """divide rewards by the running standard deviation of the discounted return (clipped to [-10, 10])"""
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -185,9 +191,11 @@ def init_params(
     continuous: bool,
     generator: torch.Generator,
     value: bool = True,
+    log_std_init: float = 0.0,
 ) -> dict[str, torch.Tensor]:
     """Policy "pi.*" and (if value) value network "v.*": orthogonal init (gain sqrt(2) for hidden layers,
-    0.01 for the policy output, 1 for the value output), zero biases; log-std = 0."""
+    0.01 for the policy output, 1 for the value output), zero biases; the Gaussian's log-std (continuous
+    actions) = log_std_init."""
     params = {}
     for prefix, out_dim, out_gain in [("pi", action_dim, 0.01), ("v", 1, 1.0)][: 2 if value else 1]:
         sizes = [obs_dim, *hidden_sizes, out_dim]
@@ -196,7 +204,7 @@ def init_params(
             params[f"{prefix}.{i}.weight"] = torch.nn.init.orthogonal_(torch.empty(n_out, n_in), gain, generator=generator)
             params[f"{prefix}.{i}.bias"] = torch.zeros(n_out)
     if continuous:
-        params["pi.log_std"] = torch.zeros(action_dim)
+        params["pi.log_std"] = torch.full((action_dim,), float(log_std_init))
     return params
 
 
@@ -345,6 +353,56 @@ def compute_returns(
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Running statistics: observation normalization and reward scaling as pure per-agent state
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def stats_init(shape: tuple[int, ...], device: torch.device) -> dict[str, torch.Tensor]:
+    """Mean 0, variance 1, count 0 of values shaped `shape` (float64): normalizing with them changes nothing."""
+    return {"mean": torch.zeros(shape, dtype=torch.float64, device=device),
+            "var": torch.ones(shape, dtype=torch.float64, device=device),
+            "count": torch.zeros((), dtype=torch.float64, device=device)}
+
+
+def update_stats(stats: dict[str, torch.Tensor], x: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Merge the entries x[i] where mask[i] = 1 (mask [B...], x [B..., *shape]) into stats (Chan et al.'s
+    parallel update): afterwards they hold the mean and population variance of every value merged so far."""
+    w, x, dims = mask.to(torch.float64), x.to(torch.float64), tuple(range(mask.dim()))
+    n = w.sum()
+    w = w.reshape(*mask.shape, *([1] * (x.dim() - mask.dim())))
+    batch_mean = (x * w).sum(dims) / n.clamp(min=1.0)
+    batch_var = ((x - batch_mean).square() * w).sum(dims) / n.clamp(min=1.0)
+    total = stats["count"] + n
+    delta = batch_mean - stats["mean"]
+    frac = n / total.clamp(min=1.0)  # 0 when the batch is empty
+    m2 = stats["var"] * stats["count"] + batch_var * n + delta.square() * stats["count"] * frac
+    var = torch.where(total > 0, m2 / total.clamp(min=1.0), stats["var"])
+    return {"mean": stats["mean"] + delta * frac, "var": var, "count": total}
+
+
+def normalize_obs(stats: dict[str, torch.Tensor], obs: torch.Tensor) -> torch.Tensor:
+    """(obs - mean) / sqrt(var + 1e-8), clipped to [-10, 10]; stats broadcast against obs [..., obs_dim]."""
+    return ((obs - stats["mean"]) / (stats["var"] + 1e-8).sqrt()).clamp(-10.0, 10.0).to(obs.dtype)
+
+
+def discounted_returns_so_far(
+    rewards: torch.Tensor, dones: torch.Tensor, carry: torch.Tensor, gamma: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The discounted return of each env's episode up to each step, R_t = r_t + gamma * R_{t-1} (R restarts at 0
+    after a done), for rewards and dones [T, N] and carry [N] = R before the first step (0 after a done).
+    Returns R [T, N] and the carry for the next rollout. The reward scale is the running std of R."""
+    a = gamma * torch.cat([torch.ones_like(dones[:1]), 1.0 - dones[:-1]])  # R_{t-1} continues unless done_{t-1}
+    running = discounted_scan(rewards.flip(0), a.flip(0), carry).flip(0)  # a forward scan, run backwards
+    return running, running[-1] * (1.0 - dones[-1])
+
+
+def norm_init(obs_dim: int, device: torch.device) -> dict:
+    """One agent's normalization state: observation statistics and return statistics (every batch starts its
+    episodes afresh, so no running return is carried from one batch to the next)."""
+    return {"obs": stats_init((obs_dim,), device), "return": stats_init((), device)}
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Loss, optimizer, update
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -429,12 +487,28 @@ def clip_grad_norm(grads: dict[str, torch.Tensor], max_norm: float) -> tuple[dic
 
 
 def make_agent_update(args: Args):
-    """One agent's learning step as a pure function update(params, opt_state, batch, hyper) -> (params,
-    opt_state, metrics): values, returns scan, advantages, loss, gradient, clipping and Adam.
-    batch [T, N, ...]; hyper {"learning_rate", "ent_coef"}: this agent's values (0-d tensors).
+    """One agent's learning step as a pure function update(params, opt_state, norm, batch, hyper) -> (params,
+    opt_state, norm, metrics): normalization, values, returns scan, advantages, loss, gradient, clipping and Adam.
+    norm: this agent's running statistics (norm_init); batch [T, N, ...] as collected (raw observations and
+    rewards); hyper {"learning_rate", "ent_coef"}: this agent's values (0-d tensors).
+    --normalize-obs: the networks see the observations normalized with the statistics the rollout acted with
+    (so log pi is the acting policy's); the batch's observations then join the statistics.
+    --normalize-reward: the batch's discounted returns so far join the return statistics first, then every
+    reward is divided by their std (clipped to [-10, 10]); returns, values and advantages are in those units.
     """
 
-    def update(params: dict[str, torch.Tensor], opt_state: dict, batch: Batch, hyper: dict[str, torch.Tensor]):
+    def update(params: dict[str, torch.Tensor], opt_state: dict, norm: dict, batch: Batch,
+               hyper: dict[str, torch.Tensor]):
+        if args.normalize_obs:
+            obs = normalize_obs(norm["obs"], batch.obs)  # with the statistics the rollout acted with
+            norm = {**norm, "obs": update_stats(norm["obs"], batch.obs[:-1], batch.valid)}
+            batch = batch._replace(obs=obs)
+        if args.normalize_reward:
+            running, _ = discounted_returns_so_far(batch.rewards, batch.dones, torch.zeros_like(batch.rewards[0]),
+                                                   args.gamma)
+            norm = {**norm, "return": update_stats(norm["return"], running, batch.valid)}
+            scale = (norm["return"]["var"] + 1e-8).sqrt()
+            batch = batch._replace(rewards=(batch.rewards / scale).clamp(-10.0, 10.0).to(batch.rewards.dtype))
         rewards = batch.rewards
         if args.baseline == "value":
             values = value(params, batch.obs).detach()  # a constant for both losses: no gradient through it
@@ -462,7 +536,7 @@ def make_agent_update(args: Args):
                              + [torch.isfinite(p).all() for p in params.values()]).all()
         metrics = {"loss": loss, "policy_loss": pg_loss, "value_loss": value_loss, "entropy": entropy,
                    "grad_norm": grad_norm, "finite": finite}
-        return params, opt_state, metrics
+        return params, opt_state, norm, metrics
 
     return update
 
@@ -478,16 +552,16 @@ def annealed(args: Args, hyper: dict[str, torch.Tensor], global_step: np.ndarray
 
 
 def make_update(args: Args):
-    """The learning step of every agent as one pure function (params, opt_state, batch, hyper) -> (params,
-    opt_state, metrics) over stacked agents: parameters and Adam states [A, ...], batch [T, A, N, ...],
-    hyper {"learning_rate", "ent_coef"} [A]; every metric [A].
+    """The learning step of every agent as one pure function (params, opt_state, norm, batch, hyper) -> (params,
+    opt_state, norm, metrics) over stacked agents: parameters, Adam states and normalization states [A, ...],
+    batch [T, A, N, ...], hyper {"learning_rate", "ent_coef"} [A]; every metric [A].
 
     torch.func.vmap maps make_agent_update's step over the agents, so no agent sees another's data; --compile
     hands the vmapped step to torch.compile as one graph. Its inputs have the same shapes every batch, so it
     compiles once per run.
     """
     update = make_agent_update(args)
-    batched = vmap(update, in_dims=(0, 0, 1, 0))  # the batch's agent dimension is dim 1: [T, A, N, ...]
+    batched = vmap(update, in_dims=(0, 0, 0, 1, 0))  # the batch's agent dimension is dim 1: [T, A, N, ...]
     if args.compile:
         # on the CPU, Inductor's C++ wrapper calls the kernels without Python in between: ~20% faster per update here
         options = {"cpp_wrapper": True} if resolve_device(args.device).type == "cpu" else {}
@@ -495,13 +569,14 @@ def make_update(args: Args):
     if len(agent_grid(args)) > 1:
         return batched
 
-    def one_agent(params: dict[str, torch.Tensor], opt_state: dict, batch: Batch, hyper: dict[str, torch.Tensor]):
+    def one_agent(params: dict[str, torch.Tensor], opt_state: dict, norm: dict, batch: Batch,
+                  hyper: dict[str, torch.Tensor]):
         """The same step for a lone agent without vmap, whose eager dispatch costs ~2 ms per update here."""
         if batch.rewards.shape[1] != 1:
             raise ValueError(f"make_update({agent_grid(args)}) got a batch of {batch.rewards.shape[1]} agents")
-        params, opt_state, metrics = update(agent_slice(params, 0), agent_slice(opt_state, 0),
-                                            Batch(*(x[:, 0] for x in batch)), agent_slice(hyper, 0))
-        return stack_agents([params]), stack_agents([opt_state]), stack_agents([metrics])
+        out = update(agent_slice(params, 0), agent_slice(opt_state, 0), agent_slice(norm, 0),
+                     Batch(*(x[:, 0] for x in batch)), agent_slice(hyper, 0))
+        return tuple(stack_agents([x]) for x in out)
 
     return one_agent
 
@@ -548,10 +623,11 @@ class Rollout:
         for envs in self.envs:
             envs.close()
 
-    def collect(self, params: dict[str, torch.Tensor], generators: list[torch.Generator], seeds: list[int],
-                learning: np.ndarray, on_episode) -> tuple[Batch, np.ndarray]:
+    def collect(self, params: dict[str, torch.Tensor], obs_stats: Optional[dict], generators: list[torch.Generator],
+                seeds: list[int], learning: np.ndarray, on_episode) -> tuple[Batch, np.ndarray]:
         """For every agent a with learning[a]: reset its envs with seeds[a] and run them until each has >= num_steps
-        steps and has ended an episode; agents not learning take no step and draw no noise.
+        steps and has ended an episode; agents not learning take no step and draw no noise. The policy sees the
+        observations normalized with obs_stats [A, 1, obs_dim] (agent_rows), or raw if None; the batch holds them raw.
 
         An agent's envs stop once its batch is complete (all of its envs done) while other agents' batches go on.
         on_episode(t, env, return, length) is called for every episode of a batch (t = the agent's steps per env
@@ -587,6 +663,8 @@ class Rollout:
                                                      for b in (rewards, dones, truncs, valid))
                 self.obs[t] = obs
                 obs_t = torch.from_numpy(self.obs[t]).to(self.device).view(num_agents, per, -1)
+                if obs_stats is not None:
+                    obs_t = normalize_obs(obs_stats, obs_t)
                 action = sample_action(params, obs_t, noise[t]).view(n, *self.actions.shape[2:]).cpu().numpy()
                 self.actions[t] = action
                 if self.continuous:
@@ -620,9 +698,17 @@ class Rollout:
         return Batch(per_agent(self.obs, rows + 1), *data), steps
 
 
-def evaluate(args: Args, params: dict[str, torch.Tensor], seed: int, device: torch.device) -> np.ndarray:
+def agent_rows(stats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Stacked statistics [A, *shape] made to broadcast against one batch of observations per agent [A, M, ...]."""
+    return {k: v.unsqueeze(1) for k, v in stats.items()}
+
+
+def evaluate(
+    args: Args, params: dict[str, torch.Tensor], obs_stats: Optional[dict], seed: int, device: torch.device
+) -> np.ndarray:
     """Returns [A, eval_episodes]: each agent's (params stacked [A, ...]) first episode on each of its
-    args.eval_episodes envs of a separate vector env, at args.eval_temperature."""
+    args.eval_episodes envs of a separate vector env, at args.eval_temperature. The policy sees observations
+    normalized with the frozen obs_stats [A, ...] (None: raw)."""
     num_agents = next(iter(params.values())).shape[0]
     envs = make_env(args.env_id, num_agents * args.eval_episodes)
     generator = torch.Generator(device=device).manual_seed(seed)
@@ -632,6 +718,8 @@ def evaluate(args: Args, params: dict[str, torch.Tensor], seed: int, device: tor
     returns, finished = np.zeros(envs.num_envs), np.zeros(envs.num_envs, dtype=bool)
     while not finished.all():
         obs_t = torch.as_tensor(obs, dtype=torch.float32, device=device).view(num_agents, args.eval_episodes, -1)
+        if obs_stats is not None:
+            obs_t = normalize_obs(agent_rows(obs_stats), obs_t)
         with torch.inference_mode():
             out_shape = (num_agents, args.eval_episodes, space.shape[0] if continuous else int(space.n))
             action = sample_action(params, obs_t, action_noise(out_shape, continuous, generator, device),
@@ -647,10 +735,11 @@ def evaluate(args: Args, params: dict[str, torch.Tensor], seed: int, device: tor
 
 
 def record_video(
-    args: Args, params: dict[str, torch.Tensor], seed: int, device: torch.device, video_dir: str, name: str
+    args: Args, params: dict[str, torch.Tensor], obs_stats: Optional[dict], seed: int, device: torch.device,
+    video_dir: str, name: str
 ) -> None:
-    """One evaluation episode of one agent (its own, unstacked params) rendered to video_dir/{name}-episode-0.mp4
-    (gymnasium's RecordVideo; needs moviepy)."""
+    """One evaluation episode of one agent (its own, unstacked params and obs_stats, None: raw observations)
+    rendered to video_dir/{name}-episode-0.mp4 (gymnasium's RecordVideo; needs moviepy)."""
     with warnings.catch_warnings():  # RecordVideo warns whenever the folder already exists
         warnings.simplefilter("ignore")
         env = gym.wrappers.RecordVideo(gym.make(args.env_id, render_mode="rgb_array"), video_dir,
@@ -662,7 +751,8 @@ def record_video(
     done = False
     while not done:
         with torch.inference_mode():
-            action = sample_action(params, torch.as_tensor(obs, dtype=torch.float32, device=device)[None],
+            obs_t = torch.as_tensor(obs, dtype=torch.float32, device=device)[None]
+            action = sample_action(params, obs_t if obs_stats is None else normalize_obs(obs_stats, obs_t),
                                    action_noise(out_shape, continuous, generator, device),
                                    args.eval_temperature)[0].cpu().numpy()
         if continuous:
@@ -684,8 +774,8 @@ CSV_COLUMNS = {
 
 
 GRID_COLUMNS = ["learning_rate", "ent_coef"]  # appended to every CSV when a run trains several values of either
-CHECKPOINT_KEYS = {"algorithm", "env_id", "args", "agents", "params", "opt_state", "global_step", "num_updates",
-                   "wall_time", "recent_returns", "rng_state"}
+CHECKPOINT_KEYS = {"algorithm", "env_id", "args", "agents", "params", "opt_state", "norm", "global_step",
+                   "num_updates", "wall_time", "recent_returns", "rng_state"}
 
 
 class NonFiniteLoss(RuntimeError):
@@ -880,17 +970,18 @@ def train(args: Args) -> dict:
     if checkpoint is None:
         # agent i starts from exactly the parameters a one-agent run with its seed starts from
         params = stack_agents([init_params(obs_dim, action_dim, tuple(args.hidden_sizes), continuous,
-                                           torch.Generator().manual_seed(a["seed"]), value=args.baseline == "value")
+                                           torch.Generator().manual_seed(a["seed"]), args.baseline == "value", args.log_std_init)
                            for a in agents])
         params = {k: v.to(device) for k, v in params.items()}
         opt_state = stack_agents([adam_init(agent_slice(params, i)) for i in range(num_agents)])
+        norm = stack_agents([norm_init(obs_dim, device) for _ in agents])
         global_step, num_updates = np.zeros(num_agents, dtype=np.int64), np.zeros(num_agents, dtype=np.int64)
         wall_offset = 0.0
         recent = [deque(maxlen=100) for _ in agents]
         run_dir = args.run_dir or unused_path(os.path.join(
             "runs", f"{args.env_id.replace('/', '-').replace(':', '-')}__{args.exp_name}__{args.seed}__{int(time.time())}"))
     else:
-        params, opt_state = checkpoint["params"], checkpoint["opt_state"]
+        params, opt_state, norm = checkpoint["params"], checkpoint["opt_state"], checkpoint["norm"]
         global_step, num_updates = np.array(checkpoint["global_step"]), np.array(checkpoint["num_updates"])
         wall_offset = checkpoint["wall_time"]
         recent = [deque(r, maxlen=100) for r in checkpoint["recent_returns"]]
@@ -915,7 +1006,7 @@ def train(args: Args) -> dict:
 
     def snapshot() -> dict:
         return {"algorithm": ALGORITHM, "env_id": args.env_id, "args": args_dict, "agents": agents,
-                "params": params, "opt_state": opt_state, "global_step": global_step.tolist(),
+                "params": params, "opt_state": opt_state, "norm": norm, "global_step": global_step.tolist(),
                 "num_updates": num_updates.tolist(), "wall_time": wall(), "recent_returns": [list(r) for r in recent],
                 "rng_state": torch.stack([g.get_state() for g in generators])}
 
@@ -923,10 +1014,12 @@ def train(args: Args) -> dict:
         """Evaluate agent i at its own step, on envs of its own (its result depends on no other agent)."""
         step = int(global_step[i])
         seed = derived_seed(agents[i]["seed"], 1, step)
-        r = evaluate(args, {k: v[i:i + 1] for k, v in params.items()}, seed, device)[0]
+        obs_stats = norm["obs"] if args.normalize_obs else None  # frozen: evaluation never updates them
+        r = evaluate(args, {k: v[i:i + 1] for k, v in params.items()},
+                     None if obs_stats is None else {k: v[i:i + 1] for k, v in obs_stats.items()}, seed, device)[0]
         if args.capture_video and i == 0:  # the first agent's
-            record_video(args, agent_slice(params, 0), seed, device, os.path.join(run_dir, "videos"),
-                         f"eval-step{step}")
+            record_video(args, agent_slice(params, 0), None if obs_stats is None else agent_slice(obs_stats, 0), seed,
+                         device, os.path.join(run_dir, "videos"), f"eval-step{step}")
         evaluations[i].append((step, float(r.mean()), float(r.std())))
         logger.row("eval.csv", i, [step, float(r.mean()), float(r.std()), len(r)])
         logger.scalar("eval/mean_return", i, float(r.mean()), step)
@@ -950,18 +1043,20 @@ def train(args: Args) -> dict:
 
             # ----- collect a batch of complete episodes of every agent -----
             seeds = [derived_seed(a["seed"], 0, int(u)) for a, u in zip(agents, num_updates)]
-            batch, steps_per_env = rollout.collect(params, generators, seeds, learning, on_episode)
+            batch, steps_per_env = rollout.collect(params, agent_rows(norm["obs"]) if args.normalize_obs else None,
+                                                   generators, seeds, learning, on_episode)
             global_step = global_step + steps_per_env * args.num_envs
 
             # ----- learn, log, evaluate, save: all or nothing (a Ctrl-C here waits for the end) -----
             with ctrl_c_deferred():
-                new_params, new_opt_state, metrics = update(params, opt_state, batch,
-                                                            annealed(args, hyper, batch_start_step))
+                new_params, new_opt_state, new_norm, metrics = update(params, opt_state, norm, batch,
+                                                                      annealed(args, hyper, batch_start_step))
                 if learning.all():
-                    params, opt_state = new_params, new_opt_state
+                    params, opt_state, norm = new_params, new_opt_state, new_norm
                 else:  # an agent past its budget keeps its state (its batch was empty)
                     keep = torch.as_tensor(learning, device=device)
-                    params, opt_state = where_agents(keep, new_params, params), where_agents(keep, new_opt_state, opt_state)
+                    params, opt_state, norm = (where_agents(keep, new, old) for new, old in
+                                               ((new_params, params), (new_opt_state, opt_state), (new_norm, norm)))
                 num_updates += learning
                 metrics["finite"] |= ~torch.as_tensor(learning, device=device)
                 if not metrics["finite"].all():

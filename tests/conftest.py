@@ -7,6 +7,7 @@ import dataclasses
 import signal
 from typing import Sequence
 
+import numpy as np
 import pytest
 import torch
 import torch._dynamo
@@ -42,6 +43,20 @@ def grid_hyper(module, args) -> dict[str, torch.Tensor]:
     """Every agent's hyper, stacked [A] in the order of module.agent_grid(args), as train() builds it."""
     agents = module.agent_grid(args)
     return agent_hyper([a["learning_rate"] for a in agents], [a["ent_coef"] for a in agents])
+
+
+def fresh_norm(module, params: dict, batch) -> dict:
+    """A fresh normalization state (the script's norm_init) for one agent with parameters `params` (unstacked)
+    and batches [T, N, ...] like `batch`."""
+    obs_dim = params["trunk.0.weight" if "trunk.0.weight" in params else "pi.0.weight"].shape[-1]
+    if module.ALGORITHM == "actor_critic":  # it carries each env's running return from one rollout to the next
+        return module.norm_init(obs_dim, batch.rewards.shape[-1], torch.device("cpu"))
+    return module.norm_init(obs_dim, torch.device("cpu"))
+
+
+def stacked_norm(module, params: list[dict], batch) -> dict:
+    """Fresh normalization states of the agents with `params` (one dict each), stacked, for batches [T, A, N, ...]."""
+    return module.stack_agents([fresh_norm(module, p, agent_batch(batch, i)) for i, p in enumerate(params)])
 
 
 def stack_batches(batches: list):
@@ -82,18 +97,23 @@ def check_compiled_update(compiled, eager, module, params, batches, hyper, max_g
     opts = [torch.optim.Adam(list(ref.values()), lr=float(lr)) for ref, lr in zip(refs, hyper["learning_rate"])]
     p_c = module.stack_agents(params)
     s_c = module.stack_agents([module.adam_init(p) for p in params])
+    n_c = stacked_norm(module, params, batches[0])
     prev_exp_avg = [{k: torch.zeros_like(v, dtype=torch.float64) for k, v in p.items()} for p in params]
     max_dev = max_grad_dev = max_adam_dev = 0.0
     for i, batch in enumerate(batches):
         graphs_before = unique_graphs()
-        p_e, s_e, m_e = eager(p_c, s_c, batch, hyper)  # the eager update from the same inputs
+        p_e, s_e, n_e, m_e = eager(p_c, s_c, n_c, batch, hyper)  # the eager update from the same inputs
         if i == 0:
-            p_c, s_c, m_c = compiled(p_c, s_c, batch, hyper)
+            p_c, s_c, n_c, m_c = compiled(p_c, s_c, n_c, batch, hyper)
             assert unique_graphs() > graphs_before, "torch.compile produced no graph (ran eagerly?)"
         else:  # new batch and the updated state, same shapes: must reuse the graph
             with torch._dynamo.config.patch(error_on_recompile=True):
-                p_c, s_c, m_c = compiled(p_c, s_c, batch, hyper)
+                p_c, s_c, n_c, m_c = compiled(p_c, s_c, n_c, batch, hyper)
             assert unique_graphs() == graphs_before, "the second call compiled a new graph"
+        flat_c, flat_e = flatten(n_c), flatten(n_e)  # the running statistics, from the same inputs
+        assert flat_c.keys() == flat_e.keys()
+        for k in flat_e:
+            torch.testing.assert_close(flat_c[k], flat_e[k], rtol=1e-6, atol=1e-6, msg=lambda m: f"norm {k}: {m}")
         assert s_c["step"].shape == s_e["step"].shape == (num_agents,)
         assert s_c["step"].tolist() == s_e["step"].tolist() == [i + 1] * num_agents
 
@@ -155,10 +175,11 @@ def check_vmapped_update(module, args, params, batches, hyper) -> None:
     assert not args.compile and len(module.agent_grid(args)) == num_agents > 1
     batched, agent_update = module.make_update(args), module.make_agent_update(args)
     p, s = module.stack_agents(params), module.stack_agents([module.adam_init(x) for x in params])
+    n = stacked_norm(module, params, batches[0])
     max_dev = 0.0
     for u, batch in enumerate(batches):
         assert all(x.shape[1] == num_agents for x in batch)
-        p_new, s_new, metrics = batched(p, s, batch, hyper)
+        p_new, s_new, n_new, metrics = batched(p, s, n, batch, hyper)
         assert set(metrics) >= {"loss", "policy_loss", "entropy", "grad_norm", "finite"}
         for key, m in metrics.items():
             assert m.shape == (num_agents,), key
@@ -166,10 +187,11 @@ def check_vmapped_update(module, args, params, batches, hyper) -> None:
         assert bool(metrics["finite"].all())
         outs = []
         for i in range(num_agents):
-            want = agent_update(module.agent_slice(p, i), module.agent_slice(s, i), agent_batch(batch, i),
-                                module.agent_slice(hyper, i))
-            got = (module.agent_slice(p_new, i), module.agent_slice(s_new, i), module.agent_slice(metrics, i))
-            for name, g, w in zip(("params", "opt_state", "metrics"), got, want):
+            want = agent_update(module.agent_slice(p, i), module.agent_slice(s, i), module.agent_slice(n, i),
+                                agent_batch(batch, i), module.agent_slice(hyper, i))
+            got = (module.agent_slice(p_new, i), module.agent_slice(s_new, i), module.agent_slice(n_new, i),
+                   module.agent_slice(metrics, i))
+            for name, g, w in zip(("params", "opt_state", "norm", "metrics"), got, want):
                 flat_g, flat_w = flatten(g), flatten(w)
                 assert flat_g.keys() == flat_w.keys(), name
                 for k in flat_w:
@@ -179,9 +201,9 @@ def check_vmapped_update(module, args, params, batches, hyper) -> None:
                         scale = flat_w[k].abs().max().item()
                         assert scale > 0, (name, k)
                         torch.testing.assert_close(flat_g[k], flat_w[k], rtol=1e-6, atol=1e-5 * scale, msg=msg)
-                    elif flat_w[k].is_floating_point() and k != "step":
+                    elif flat_w[k].is_floating_point() and k not in ("step", "obs/count", "return/count"):
                         torch.testing.assert_close(flat_g[k], flat_w[k], rtol=1e-6, atol=1e-6, msg=msg)
-                    else:  # Adam's step count, the finite flag
+                    else:  # Adam's step count, the statistics' counts, the finite flag
                         assert torch.equal(flat_g[k], flat_w[k]), (u, i, name, k, flat_g[k], flat_w[k])
                     if flat_w[k].is_floating_point():
                         max_dev = max(max_dev, (flat_g[k].double() - flat_w[k].double()).abs().max().item())
@@ -191,7 +213,7 @@ def check_vmapped_update(module, args, params, batches, hyper) -> None:
             for j in range(i):
                 assert any(not torch.allclose(outs[i][0][k] - params[i][k], outs[j][0][k] - params[j][k])
                            for k in params[i]), (i, j)
-        p, s = p_new, s_new
+        p, s, n = p_new, s_new, n_new
     print(f"{module.__name__}: vmapped make_update vs make_agent_update per agent: max |deviation| = {max_dev:.3g}")
 
     # a one-agent run's update (no vmap) is make_agent_update on the lone agent
@@ -200,9 +222,10 @@ def check_vmapped_update(module, args, params, batches, hyper) -> None:
     p0, s0 = module.stack_agents([params[0]]), module.stack_agents([module.adam_init(params[0])])
     batch0 = type(batches[0])(*(x[:, :1] for x in batches[0]))
     hyper0 = {k: v[:1] for k, v in hyper.items()}
-    got = one(p0, s0, batch0, hyper0)
-    want = module.make_agent_update(args)(params[0], module.adam_init(params[0]), agent_batch(batch0, 0),
-                                          module.agent_slice(hyper0, 0))
+    n0 = stacked_norm(module, params[:1], batch0)
+    got = one(p0, s0, n0, batch0, hyper0)
+    want = module.make_agent_update(args)(params[0], module.adam_init(params[0]), module.agent_slice(n0, 0),
+                                          agent_batch(batch0, 0), module.agent_slice(hyper0, 0))
     for g, w in zip(got, want):
         flat_g, flat_w = flatten(g), flatten(w)
         assert flat_g.keys() == flat_w.keys()
@@ -216,3 +239,48 @@ def flatten(tree, prefix: str = "") -> dict[str, torch.Tensor]:
     if isinstance(tree, dict):
         return {k2: v2 for k, v in tree.items() for k2, v2 in flatten(v, f"{prefix}{k}/").items()}
     return {prefix.rstrip("/"): tree}
+
+
+class NumpyNormalizer:
+    """The reference for --normalize-obs and --normalize-reward: the statistics of every value seen so far, each
+    time recomputed from all of them (np.mean / np.var of the concatenation), and the discounted returns so far by
+    a plain loop over the steps. carry: the running return continues into the next batch (actor_critic's rollouts)
+    instead of starting at 0 (the REINFORCE scripts' batches start their episodes afresh)."""
+
+    def __init__(self, gamma: float, num_envs: int, carry: bool):
+        self.gamma, self.carry_over = gamma, carry
+        self.seen_obs, self.seen_returns, self.carry = [], [], np.zeros(num_envs)
+
+    def obs(self, obs: np.ndarray, valid: np.ndarray) -> np.ndarray:
+        """obs [T (+ 1), N, obs_dim] normalized with the statistics of the observations of earlier batches; then
+        this batch's valid ones (obs[t] where valid[t], t < T) join them."""
+        if self.seen_obs:
+            seen = np.concatenate(self.seen_obs)
+            mean, var = seen.mean(0), seen.var(0)
+        else:
+            mean, var = np.zeros(obs.shape[-1]), np.ones(obs.shape[-1])
+        self.seen_obs.append(obs[:len(valid)][valid.astype(bool)])
+        return np.clip((obs - mean) / np.sqrt(var + 1e-8), -10, 10)
+
+    def rewards(self, rewards: np.ndarray, dones: np.ndarray, valid: np.ndarray) -> np.ndarray:
+        """rewards [T, N] divided by the std of every discounted return so far, this batch's included."""
+        running = np.zeros(rewards.shape)
+        previous = self.carry if self.carry_over else np.zeros(rewards.shape[1])
+        for t in range(len(rewards)):
+            running[t] = rewards[t] + self.gamma * previous
+            previous = np.where(dones[t] > 0, 0.0, running[t])  # an episode's return restarts after its end
+        self.carry = previous
+        self.seen_returns.append(running[valid.astype(bool)])
+        return np.clip(rewards / np.sqrt(np.concatenate(self.seen_returns).var() + 1e-8), -10, 10)
+
+    def check(self, norm: dict) -> None:
+        """A script's normalization state holds what this reference has seen."""
+        for key, seen in (("obs", self.seen_obs), ("return", self.seen_returns)):
+            if not seen:
+                continue
+            values = np.concatenate(seen)
+            np.testing.assert_allclose(norm[key]["mean"].numpy(), values.mean(0), rtol=1e-9, atol=1e-9, err_msg=key)
+            np.testing.assert_allclose(norm[key]["var"].numpy(), values.var(0), rtol=1e-9, atol=1e-9, err_msg=key)
+            assert norm[key]["count"].item() == len(values), key
+        if self.carry_over and self.seen_returns:
+            np.testing.assert_allclose(norm["running_return"].numpy(), self.carry, rtol=1e-6, atol=1e-6)

@@ -22,7 +22,8 @@ from torch import nn
 from torch.distributions import Categorical, Normal
 from torch.func import grad_and_value
 
-from conftest import agent_batch, agent_hyper, check_vmapped_update, grid_hyper, hyper_of, stack_batches
+from conftest import (NumpyNormalizer, agent_batch, agent_hyper, check_vmapped_update, fresh_norm, grid_hyper, hyper_of,
+                      stack_batches)
 from funcpg import actor_critic as ac
 from funcpg import reinforce as rf
 from funcpg import reinforce_baseline as rb
@@ -404,7 +405,7 @@ def test_a2c_rollouts_mask_reset_steps_and_keep_final_observations(kind):
         rollout = ac.Rollout(envs, 1, num_steps, torch.device("cpu"), seed=5)
         batches = []
         for _ in range(num_rollouts):
-            batch, steps = rollout.collect(ac.stack_agents([params]), generator, lambda t, env, ret, length:
+            batch, steps = rollout.collect(ac.stack_agents([params]), None, generator, lambda t, env, ret, length:
                                            finished.append((len(batches), t, env, ret, length)))
             assert steps == num_steps and all(x.shape[1] == 1 for x in batch)
             batches.append(ac.Batch(*(x[:, 0].clone() for x in batch)))  # views of reused buffers
@@ -482,10 +483,10 @@ def test_continuous_rollout_stores_unclipped_actions_and_sends_clipped_ones(scri
     generator = torch.Generator().manual_seed(0)
     try:
         if script == "actor_critic":
-            batch, steps = ac.Rollout(envs, 1, 16, torch.device("cpu"), seed=0).collect(params, generator,
+            batch, steps = ac.Rollout(envs, 1, 16, torch.device("cpu"), seed=0).collect(params, None, generator,
                                                                                          lambda *a: None)
         else:
-            batch, steps = rb.Rollout([envs], 16, torch.device("cpu")).collect(params, [generator], [0],
+            batch, steps = rb.Rollout([envs], 16, torch.device("cpu")).collect(params, None, [generator], [0],
                                                                                np.ones(1, dtype=bool), lambda *a: None)
             steps = int(steps[0])
     finally:
@@ -585,7 +586,7 @@ def test_a2c_truncation_bootstraps_final_observation_value():
     try:
         rollout = ac.Rollout(envs, 1, num_steps, torch.device("cpu"), seed=3)
         for k in range(num_rollouts):
-            batch, _ = rollout.collect(ac.stack_agents([exact]), generator, lambda *a: None)
+            batch, _ = rollout.collect(ac.stack_agents([exact]), None, generator, lambda *a: None)
             batch = ac.Batch(*(x[:, 0].clone() for x in batch))
             valid = batch.valid.bool().numpy()
             rewards = batch.rewards.double().numpy()
@@ -608,7 +609,7 @@ def test_a2c_truncation_bootstraps_final_observation_value():
             args = ac.Args(compile=False, gamma=CHAIN_GAMMA, gae_lambda=0.95, hidden_sizes=(),
                            normalize_advantages=False)
             update = ac.make_agent_update(args)
-            _, _, metrics = update(exact, ac.adam_init(exact), batch, hyper_of(args))
+            _, _, _, metrics = update(exact, ac.adam_init(exact), fresh_norm(ac, exact, batch), batch, hyper_of(args))
             assert metrics["value_loss"].item() < 1e-7, metrics["value_loss"].item()
 
             # (b) a wrong critic: at each truncated step the update's regression target is r + gamma V(final obs)
@@ -621,7 +622,8 @@ def test_a2c_truncation_bootstraps_final_observation_value():
                 r = rewards[t, n]
                 v_reset = v_wrong(x[t + 2, n]) if t + 2 <= num_steps else None  # the env's reset obs
                 right, as_terminated, from_reset = candidate_targets(r, v_wrong(r + 1), v_reset)
-                _, _, metrics = update(wrong, ac.adam_init(wrong), one_step_valid(batch, t, n), hyper_of(args))
+                _, _, _, metrics = update(wrong, ac.adam_init(wrong), fresh_norm(ac, wrong, batch),
+                                          one_step_valid(batch, t, n), hyper_of(args))
                 got = metrics["value_loss"].item()
                 expected = (v_wrong(r) - right) ** 2
                 assert got == pytest.approx(expected, rel=1e-5), (k, t, n)
@@ -672,7 +674,7 @@ def test_reinforce_baseline_truncation_bootstraps_final_observation_value():
     try:
         rollout = rb.Rollout([envs], num_steps, torch.device("cpu"))
         for i in range(3):
-            batch, steps = rollout.collect(rb.stack_agents([exact]), [generator], [rb.derived_seed(9, 0, i)],
+            batch, steps = rollout.collect(rb.stack_agents([exact]), None, [generator], [rb.derived_seed(9, 0, i)],
                                            np.ones(1, dtype=bool), lambda *a: None)
             batch = rb.Batch(*(x[:, 0].clone() for x in batch))
             valid = batch.valid.bool().numpy()
@@ -686,7 +688,7 @@ def test_reinforce_baseline_truncation_bootstraps_final_observation_value():
             args = rb.Args(compile=False, baseline="value", gamma=CHAIN_GAMMA, hidden_sizes=(),
                            return_type="reward-to-go", normalize_advantages=False)
             update = rb.make_agent_update(args)
-            _, _, metrics = update(exact, rb.adam_init(exact), batch, hyper_of(args))
+            _, _, _, metrics = update(exact, rb.adam_init(exact), fresh_norm(rb, exact, batch), batch, hyper_of(args))
             assert metrics["value_loss"].item() < 1e-7, metrics["value_loss"].item()
 
             # (b) a wrong critic: the value loss of the whole batch equals the hand-computed one, for both
@@ -695,7 +697,7 @@ def test_reinforce_baseline_truncation_bootstraps_final_observation_value():
                 args = rb.Args(compile=False, baseline="value", gamma=CHAIN_GAMMA, hidden_sizes=(),
                                return_type=return_type, normalize_advantages=False)
                 update = rb.make_agent_update(args)
-                _, _, metrics = update(wrong, rb.adam_init(wrong), batch, hyper_of(args))
+                _, _, _, metrics = update(wrong, rb.adam_init(wrong), fresh_norm(rb, wrong, batch), batch, hyper_of(args))
                 targets = ref_chain_returns(rewards, valid, dones, v_wrong, return_type=return_type)
                 expected = np.mean((v_wrong(rewards) - targets)[valid] ** 2)
                 assert metrics["value_loss"].item() == pytest.approx(expected, rel=1e-5), return_type
@@ -712,7 +714,8 @@ def test_reinforce_baseline_truncation_bootstraps_final_observation_value():
                 # the next episode's start state, where the batch has it
                 v_reset = v_wrong(x[t + 2, n]) if t + 2 < len(valid) and valid[t + 2, n] else None
                 right, as_terminated, from_reset = candidate_targets(r, v_wrong(r + 1), v_reset)
-                _, _, metrics = update(wrong, rb.adam_init(wrong), one_step_valid(batch, t, n), hyper_of(args))
+                _, _, _, metrics = update(wrong, rb.adam_init(wrong), fresh_norm(rb, wrong, batch),
+                                          one_step_valid(batch, t, n), hyper_of(args))
                 got = metrics["value_loss"].item()
                 assert got == pytest.approx((v_wrong(r) - right) ** 2, rel=1e-5), (i, t, n)
                 assert abs(got - (v_wrong(r) - as_terminated) ** 2) > 100
@@ -751,11 +754,11 @@ def test_termination_with_truncation_is_not_bootstrapped(script):
     try:
         for i in range(2):
             if script == "actor_critic":
-                batch, _ = rollout.collect(stacked, g, lambda *a: None)
+                batch, _ = rollout.collect(stacked, None, g, lambda *a: None)
                 batch = agent_batch(batch, 0)
                 ended = batch.terminated.bool()
             else:
-                batch, _ = rollout.collect(stacked, [g], [rb.derived_seed(1, 0, i)], np.ones(1, dtype=bool),
+                batch, _ = rollout.collect(stacked, None, [g], [rb.derived_seed(1, 0, i)], np.ones(1, dtype=bool),
                                            lambda *a: None)
                 batch = agent_batch(batch, 0)
                 assert not (batch.truncated.bool() & batch.dones.bool() & batch.valid.bool()).any(), \
@@ -764,8 +767,9 @@ def test_termination_with_truncation_is_not_bootstrapped(script):
             valid = batch.valid.bool()
             for t, n in zip(*np.nonzero((ended & valid).numpy())):
                 r = batch.rewards[t, n].item()
-                _, _, metrics = update(params, (ac if script == "actor_critic" else rb).adam_init(params),
-                                       one_step_valid(batch, t, n), hyper_of(args))
+                mod = ac if script == "actor_critic" else rb
+                _, _, _, metrics = update(params, mod.adam_init(params), fresh_norm(mod, params, batch),
+                                          one_step_valid(batch, t, n), hyper_of(args))
                 got, right = metrics["value_loss"].item(), (v_wrong(r) - r) ** 2
                 bootstrapped = (v_wrong(r) - r - CHAIN_GAMMA * v_wrong(r + 1)) ** 2
                 assert got == pytest.approx(right, rel=1e-5), (i, t, n, got, right, bootstrapped)
@@ -793,7 +797,7 @@ def test_rb_rollout_records_what_the_env_returned():
     try:
         for i in range(4):
             first = len(log["rewards"])
-            batch, steps = rollout.collect(rb.stack_agents([params]), [generator], [rb.derived_seed(2, 0, i)],
+            batch, steps = rollout.collect(rb.stack_agents([params]), None, [generator], [rb.derived_seed(2, 0, i)],
                                            np.ones(1, dtype=bool), lambda *a: None)
             assert steps.shape == (1,) and all(x.shape[1] == 1 for x in batch)
             batch, steps = agent_batch(batch, 0), int(steps[0])
@@ -966,10 +970,14 @@ def opt_state_from(optimizers_by_key, i):
 @pytest.mark.parametrize("return_type, normalize",
                          [("reward-to-go", True), ("episode", False), ("reward-to-go", False)])
 @pytest.mark.parametrize("max_grad_norm", [0.05, math.inf])
-def test_rb_make_update_matches_torch_pipeline(continuous, baseline, return_type, normalize, max_grad_norm):
-    """make_agent_update(args)(params, opt_state, batch, hyper) == reference returns (truncations bootstrapped
-    with V(final obs) when there is a critic) -> advantages -> nn loss.backward() -> clip_grad_norm_ per network
-    -> Adam(policy, lr) and Adam(value, value_learning_rate).
+@pytest.mark.parametrize("running_norm", [False, True])
+def test_rb_make_update_matches_torch_pipeline(continuous, baseline, return_type, normalize, max_grad_norm,
+                                               running_norm):
+    """make_agent_update(args)(params, opt_state, norm, batch, hyper) == reference returns (truncations
+    bootstrapped with V(final obs) when there is a critic) -> advantages -> nn loss.backward() -> clip_grad_norm_
+    per network -> Adam(policy, lr) and Adam(value, value_learning_rate). running_norm: with --normalize-obs and
+    --normalize-reward, the reference sees observations and rewards normalized by NumpyNormalizer (the bootstrap
+    V(final obs) in those units), and the state the update returns holds its statistics.
 
     In float64, and every update starts from the reference's current parameters and Adam state (as in
     tests/test_reinforce_math.py: in float32, Adam amplifies rounding differences of gradients ~1e-7 by
@@ -977,8 +985,10 @@ def test_rb_make_update_matches_torch_pipeline(continuous, baseline, return_type
     """
     args = rb.Args(compile=False, gamma=0.95, baseline=baseline, return_type=return_type,
                    normalize_advantages=normalize, ent_coef=(0.01,), max_grad_norm=max_grad_norm,
-                   learning_rate=(3e-2,), value_learning_rate=7e-2, hidden_sizes=HIDDEN)
+                   learning_rate=(3e-2,), value_learning_rate=7e-2, hidden_sizes=HIDDEN,
+                   normalize_obs=running_norm, normalize_reward=running_norm)
     update, hyper = rb.make_agent_update(args), hyper_of(args)
+    reference_norm = NumpyNormalizer(args.gamma, 4, carry=False)
     ref = ReferenceAgent({k: v.double() for k, v in rb_params(3, continuous, baseline).items()})
     named = ref.named()
     pi_params = [p for k, p in named.items() if k.startswith("pi.")]
@@ -995,12 +1005,20 @@ def test_rb_make_update_matches_torch_pipeline(continuous, baseline, return_type
         batch = rb.Batch(*(x.double() for x in batch))
         old = {k: p.detach().clone() for k, p in named.items()}
         opt_state = rb.adam_init(old) if i == 0 else opt_state_from(by_key, i)
-        params, opt_state, metrics = update(old, opt_state, batch, hyper)
+        norm = fresh_norm(rb, old, batch) if i == 0 else norm
+        params, opt_state, norm, metrics = update(old, opt_state, norm, batch, hyper)
         assert all(v.dtype == torch.float64 for v in params.values())
+        if running_norm:
+            obs = torch.from_numpy(reference_norm.obs(batch.obs.numpy(), batch.valid.numpy()))
+            rewards = reference_norm.rewards(batch.rewards.numpy(), batch.dones.numpy(), batch.valid.numpy())
+            reference_norm.check(norm)
+            batch = batch._replace(obs=obs)
+        else:
+            rewards = batch.rewards.numpy()
 
         with torch.no_grad():
             values = ref.value(batch.obs) if ref.has_critic else None  # [T + 1, N]
-        returns = torch.from_numpy(ref_rb_returns(batch.rewards.numpy(), episodes, args.gamma, return_type,
+        returns = torch.from_numpy(ref_rb_returns(rewards, episodes, args.gamma, return_type,
                                                   None if values is None else values.numpy()))
         if ref.has_critic:
             advantages = returns - values[:-1]
@@ -1041,14 +1059,19 @@ def test_rb_make_update_matches_torch_pipeline(continuous, baseline, return_type
 @pytest.mark.parametrize("shared_trunk", [False, True])
 @pytest.mark.parametrize("normalize, gae_lambda", [(True, 0.9), (False, 1.0)])
 @pytest.mark.parametrize("max_grad_norm", [0.05, math.inf])
-def test_ac_make_update_matches_torch_pipeline(continuous, shared_trunk, normalize, gae_lambda, max_grad_norm):
-    """make_agent_update(args)(params, opt_state, batch, hyper) == reference V(s_0..s_T) -> textbook GAE loop ->
-    nn loss.backward() -> one clip_grad_norm_ over all parameters -> one Adam, in float64 (see the rb test above
-    for why)."""
+@pytest.mark.parametrize("running_norm", [False, True])
+def test_ac_make_update_matches_torch_pipeline(continuous, shared_trunk, normalize, gae_lambda, max_grad_norm,
+                                               running_norm):
+    """make_agent_update(args)(params, opt_state, norm, batch, hyper) == reference V(s_0..s_T) -> textbook GAE
+    loop -> nn loss.backward() -> one clip_grad_norm_ over all parameters -> one Adam, in float64 (see the rb test
+    above for why). running_norm: as in the rb test, and the running return carries over from one rollout into
+    the next."""
     args = ac.Args(compile=False, gamma=0.95, gae_lambda=gae_lambda, normalize_advantages=normalize,
                    vf_coef=0.7, ent_coef=(0.01,), max_grad_norm=max_grad_norm, learning_rate=(3e-2,),
-                   hidden_sizes=HIDDEN, shared_trunk=shared_trunk)
+                   hidden_sizes=HIDDEN, shared_trunk=shared_trunk, normalize_obs=running_norm,
+                   normalize_reward=running_norm)
     update, hyper = ac.make_agent_update(args), hyper_of(args)
+    reference_norm = NumpyNormalizer(args.gamma, 4, carry=True)
     ref = ReferenceAgent({k: v.double() for k, v in ac_params(3, continuous, shared_trunk).items()})
     named = ref.named()
     opt = torch.optim.Adam(list(named.values()), lr=args.learning_rate[0])
@@ -1061,12 +1084,20 @@ def test_ac_make_update_matches_torch_pipeline(continuous, shared_trunk, normali
         assert truncated.any() and batch.terminated.any() and (batch.valid == 0).any()
         old = {k: p.detach().clone() for k, p in named.items()}
         opt_state = ac.adam_init(old) if i == 0 else opt_state_from(by_key, i)
-        params, opt_state, metrics = update(old, opt_state, batch, hyper)
+        norm = fresh_norm(ac, old, batch) if i == 0 else norm
+        params, opt_state, norm, metrics = update(old, opt_state, norm, batch, hyper)
         assert all(v.dtype == torch.float64 for v in params.values())
+        if running_norm:
+            obs = torch.from_numpy(reference_norm.obs(batch.obs.numpy(), batch.valid.numpy()))
+            rewards = reference_norm.rewards(batch.rewards.numpy(), batch.dones.numpy(), batch.valid.numpy())
+            reference_norm.check(norm)
+            batch = batch._replace(obs=obs)
+        else:
+            rewards = batch.rewards.numpy()
 
         with torch.no_grad():
             values = ref.value(batch.obs)
-        adv, ret, _, _ = ref_gae(batch.rewards.numpy(), values.numpy(), batch.terminated.numpy().astype(bool),
+        adv, ret, _, _ = ref_gae(rewards, values.numpy(), batch.terminated.numpy().astype(bool),
                                  truncated, args.gamma, args.gae_lambda)
         advantages, returns = torch.from_numpy(adv), torch.from_numpy(ret)
         if normalize:
@@ -1097,7 +1128,8 @@ def test_ac_make_update_matches_torch_pipeline(continuous, shared_trunk, normali
 
 # two agents (two learning rates): the compiled graph is the vmapped update, as in a --num-seeds / grid run
 AC_COMPILE_ARGS = dict(gamma=0.99, gae_lambda=0.95, normalize_advantages=True, vf_coef=0.5, ent_coef=(0.01,),
-                       max_grad_norm=0.5, learning_rate=(1e-2, 3e-3), hidden_sizes=(64, 64), shared_trunk=False)
+                       max_grad_norm=0.5, learning_rate=(1e-2, 3e-3), hidden_sizes=(64, 64), shared_trunk=False,
+                       normalize_obs=True, normalize_reward=True)
 
 
 @pytest.mark.slow
@@ -1130,7 +1162,8 @@ def test_rb_vmapped_update_is_each_agents_own_update(continuous, baseline):
     == make_agent_update on each agent's slice: vmap changes nothing and no agent's data leaks into another's."""
     args = rb.Args(compile=False, gamma=0.95, baseline=baseline, return_type="reward-to-go",
                    normalize_advantages=True, max_grad_norm=0.5, learning_rate=tuple(VMAP_LRS), ent_coef=(0.0,),
-                   value_learning_rate=7e-2, hidden_sizes=HIDDEN)
+                   value_learning_rate=7e-2, hidden_sizes=HIDDEN, normalize_obs=continuous,
+                   normalize_reward=continuous)
     params = [rb_params(30 + a, continuous, baseline) for a in range(3)]
     batches = [stack_batches([rb_batch(40 + 3 * u + a, 50, 4, continuous)[0] for a in range(3)]) for u in range(3)]
     check_vmapped_update(rb, args, params, batches, agent_hyper(VMAP_LRS, VMAP_ENT_COEFS))
@@ -1142,7 +1175,7 @@ def test_ac_vmapped_update_is_each_agents_own_update(continuous, shared_trunk):
     """As the rb test above, for actor_critic's update."""
     args = ac.Args(compile=False, gamma=0.95, gae_lambda=0.9, normalize_advantages=True, vf_coef=0.7,
                    max_grad_norm=0.5, learning_rate=tuple(VMAP_LRS), ent_coef=(0.0,), hidden_sizes=HIDDEN,
-                   shared_trunk=shared_trunk)
+                   shared_trunk=shared_trunk, normalize_obs=continuous, normalize_reward=continuous)
     params = [ac_params(30 + a, continuous, shared_trunk) for a in range(3)]
     batches = [stack_batches([ac_batch(40 + 3 * u + a, 30, 4, continuous)[0] for a in range(3)]) for u in range(3)]
     check_vmapped_update(ac, args, params, batches, agent_hyper(VMAP_LRS, VMAP_ENT_COEFS))

@@ -121,7 +121,8 @@ def load_checkpoint(path: Path) -> dict:
     step = ckpt["global_step"]
     args = {**ckpt["args"], "learning_rate": ckpt["args"]["learning_rate"][0], "ent_coef": ckpt["args"]["ent_coef"][0]}
     updates, rng_state = ckpt["num_updates"], ckpt["rng_state"]
-    return {**ckpt, "params": agent0(ckpt["params"]), "opt_state": agent0(ckpt["opt_state"]), "args": args,
+    return {**ckpt, "params": agent0(ckpt["params"]), "opt_state": agent0(ckpt["opt_state"]),
+            "norm": agent0(ckpt["norm"]), "args": args,
             "global_step": step[0] if isinstance(step, list) else step, "recent_returns": ckpt["recent_returns"][0],
             "num_updates": updates[0] if isinstance(updates, list) else updates,
             "rng_state": rng_state[0] if rng_state.dim() == 2 else rng_state}
@@ -1275,8 +1276,8 @@ def test_anneal_lr_gives_every_update_each_agents_scheduled_rate(tmp_path, monke
 
     def recording(args):
         update = make_update(args)
-        return lambda params, opt_state, batch, hyper: seen.append(hyper["learning_rate"].tolist()) or update(
-            params, opt_state, batch, hyper)
+        return lambda params, opt_state, norm, batch, hyper: seen.append(hyper["learning_rate"].tolist()) or update(
+            params, opt_state, norm, batch, hyper)
 
     monkeypatch.setattr(module, "make_update", recording)
     total = 6000

@@ -19,7 +19,7 @@ from collections import Counter, defaultdict
 import numpy as np
 import pytest
 import torch
-from conftest import agent_hyper, flatten
+from conftest import agent_hyper, flatten, stacked_norm
 from test_cli import load_raw_checkpoint as load_checkpoint
 from test_cli import (AC, CRITIC, EXACT_RESUME, RB, SCRIPTS, R, assert_ok, describe, read_config,
                       read_csv, run_script, without)
@@ -42,9 +42,10 @@ def per_seed(rows: list[dict], key: str = "seed") -> dict[str, list[dict]]:
 
 
 def stacked_batch(module, num_agents: int, num_envs: int = 4, num_steps: int = 24):
-    """Stacked parameters, Adam states and hyperparameters of num_agents agents (seeds 1..A, learning rates and
+    """Stacked parameters, Adam states, normalization states and hyperparameters of num_agents agents (seeds 1..A, learning rates and
     entropy coefficients differing per agent), and one real CartPole batch [T, A, N, ...] of all of them."""
-    args = module.Args(num_seeds=num_agents, num_envs=num_envs, num_steps=num_steps)
+    args = module.Args(num_seeds=num_agents, num_envs=num_envs, num_steps=num_steps, normalize_obs=True,
+                       normalize_reward=True)
     envs = module.make_env("CartPole-v1", num_agents * num_envs)
     per_agent = [module.init_params(4, 2, (16,), False, torch.Generator().manual_seed(a)) for a in range(1, num_agents + 1)]
     params = module.stack_agents(per_agent)
@@ -52,44 +53,45 @@ def stacked_batch(module, num_agents: int, num_envs: int = 4, num_steps: int = 2
     hyper = agent_hyper([1e-3 * (a + 1) for a in range(num_agents)], [0.01 * a for a in range(num_agents)])
     if module.ALGORITHM == "actor_critic":
         batch, _ = module.Rollout(envs, num_agents, num_steps, torch.device("cpu"), 7).collect(
-            params, torch.Generator().manual_seed(0), lambda *a: None)
+            params, None, torch.Generator().manual_seed(0), lambda *a: None)
         envs.close()
     else:  # one vector env per agent
         envs.close()
         rollout = module.Rollout([module.make_env("CartPole-v1", num_envs) for _ in range(num_agents)], num_steps,
                                  torch.device("cpu"))
-        batch, _ = rollout.collect(params, [torch.Generator().manual_seed(a) for a in range(num_agents)],
+        batch, _ = rollout.collect(params, None, [torch.Generator().manual_seed(a) for a in range(num_agents)],
                                    [7 + a for a in range(num_agents)], np.ones(num_agents, dtype=bool), lambda *a: None)
         rollout.close()
     batch = module.Batch(*(x.clone() for x in batch))  # the rollout's buffers are reused by the next collect
-    return args, params, opt_state, batch, hyper
+    norm = stacked_norm(module, per_agent, batch)
+    return args, params, opt_state, norm, batch, hyper
 
 
 def agent_outputs(out, i: int) -> list[torch.Tensor]:
-    """Agent i's parameters, Adam state and metrics from a stacked update's output."""
-    return [v[i] for v in flatten(dict(zip(("params", "opt_state", "metrics"), out))).values()]
+    """Agent i's parameters, Adam state, normalization state and metrics from a stacked update's output."""
+    return [v[i] for v in flatten(dict(zip(("params", "opt_state", "norm", "metrics"), out))).values()]
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
 @pytest.mark.parametrize("field", ["rewards", "obs"])
 def test_perturbing_one_agents_batch_changes_only_its_update(script, field):
     module = module_of(script)
-    args, params, opt_state, batch, hyper = stacked_batch(module, num_agents=3)
-    update = module.make_update(args)  # eager: vmap over the 3 agents
-    before = update(params, opt_state, batch, hyper)
+    args, params, opt_state, norm, batch, hyper = stacked_batch(module, num_agents=3)
+    update = module.make_update(args)  # eager: vmap over the 3 agents (observation and reward statistics included)
+    before = update(params, opt_state, norm, batch, hyper)
 
     perturbed = batch._asdict()
     x = perturbed[field].clone()
     x[:, 1] += 0.5 * torch.randn(x[:, 1].shape, generator=torch.Generator().manual_seed(3))  # agent 1 only
     perturbed[field] = x
-    after = update(params, opt_state, module.Batch(**perturbed), hyper)
+    after = update(params, opt_state, norm, module.Batch(**perturbed), hyper)
 
     for i in (0, 2):
         for a, b in zip(agent_outputs(before, i), agent_outputs(after, i)):
             assert torch.equal(a, b), f"agent {i}'s update changed when only agent 1's {field} changed"
     changed = [not torch.equal(a, b) for a, b in zip(agent_outputs(before, 1), agent_outputs(after, 1))]
     assert any(changed), f"agent 1's update ignored its own {field}"
-    assert before[2]["grad_norm"][1] != after[2]["grad_norm"][1], "agent 1's gradient did not change"
+    assert before[3]["grad_norm"][1] != after[3]["grad_norm"][1], "agent 1's gradient did not change"
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
@@ -97,8 +99,8 @@ def test_each_agent_gets_its_own_learning_rate(script):
     """Adam's first step moves every parameter with a clearly non-zero gradient by its learning rate (up to eps):
     the stacked step must use each agent's own value."""
     module = module_of(script)
-    args, params, opt_state, batch, hyper = stacked_batch(module, num_agents=3)
-    new_params, _, _ = module.make_update(args)(params, opt_state, batch, hyper)
+    args, params, opt_state, norm, batch, hyper = stacked_batch(module, num_agents=3)
+    new_params, _, _, _ = module.make_update(args)(params, opt_state, norm, batch, hyper)
     for i in range(3):
         lr = float(hyper["learning_rate"][i])
         steps = torch.cat([(new_params[k][i] - params[k][i]).abs().flatten() for k in params if k.startswith("pi.")])

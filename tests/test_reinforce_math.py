@@ -21,7 +21,8 @@ from torch import nn
 from torch.distributions import Categorical, Normal
 from torch.func import grad_and_value
 
-from conftest import agent_batch, agent_hyper, check_vmapped_update, grid_hyper, hyper_of, stack_batches
+from conftest import (NumpyNormalizer, agent_batch, agent_hyper, check_vmapped_update, fresh_norm, grid_hyper, hyper_of,
+                      stack_batches)
 from funcpg import reinforce as rf
 from layouts import next_step_layout
 
@@ -233,7 +234,7 @@ def test_compute_returns_on_real_rollout_batches(fixed_shape, num_agents):
     finished = []
     try:
         for i in range(5):
-            batch, steps = rollout.collect(params, generators, [rf.derived_seed(a, 0, i) for a in range(num_agents)],
+            batch, steps = rollout.collect(params, None, generators, [rf.derived_seed(a, 0, i) for a in range(num_agents)],
                                            np.ones(num_agents, dtype=bool),
                                            on_episode=lambda t, env, ret, length: finished.append((env, ret, length)))
             assert steps.shape == (num_agents,)
@@ -443,9 +444,12 @@ def test_policy_loss_gradient_matches_imperative(continuous, normalize_returns, 
 @pytest.mark.parametrize("return_type", ["reward-to-go", "episode"])
 @pytest.mark.parametrize("normalize_returns", [False, True])
 @pytest.mark.parametrize("max_grad_norm", [0.05, math.inf])
-def test_make_update_matches_torch_pipeline(continuous, return_type, normalize_returns, max_grad_norm):
-    """make_agent_update(args)(params, opt_state, batch, hyper) == reference returns -> nn loss.backward() ->
-    clip_grad_norm_ -> Adam.
+@pytest.mark.parametrize("running_norm", [False, True])
+def test_make_update_matches_torch_pipeline(continuous, return_type, normalize_returns, max_grad_norm, running_norm):
+    """make_agent_update(args)(params, opt_state, norm, batch, hyper) == reference returns -> nn loss.backward() ->
+    clip_grad_norm_ -> Adam. running_norm: with --normalize-obs and --normalize-reward, the reference feeds the
+    network observations and rewards normalized by NumpyNormalizer, and the state the update returns holds its
+    statistics.
 
     In float64, and every update starts from the reference's current parameters and Adam state: in float32 (or
     letting the two runs drift apart) Adam amplifies tiny gradient differences by ~lr / (|g| + eps) on any
@@ -453,7 +457,9 @@ def test_make_update_matches_torch_pipeline(continuous, return_type, normalize_r
     tolerances too loose to see real bugs. The float32 gradient itself is checked in the test above.
     """
     args = rf.Args(compile=False, gamma=0.95, return_type=return_type, normalize_returns=normalize_returns,
-                   ent_coef=(0.01,), max_grad_norm=max_grad_norm, learning_rate=(3e-2,), hidden_sizes=HIDDEN)
+                   ent_coef=(0.01,), max_grad_norm=max_grad_norm, learning_rate=(3e-2,), hidden_sizes=HIDDEN,
+                   normalize_obs=running_norm, normalize_reward=running_norm)
+    reference_norm = NumpyNormalizer(args.gamma, 4, carry=False)
     update, hyper = rf.make_agent_update(args), hyper_of(args)
     ref = ReferencePolicy({k: v.double() for k, v in make_params(3, continuous).items()})
     ref_params = ref.named()
@@ -472,10 +478,18 @@ def test_make_update_matches_torch_pipeline(continuous, return_type, normalize_r
             opt_state = {"step": torch.tensor(float(i), dtype=torch.float64),
                          "exp_avg": {k: opt.state[p]["exp_avg"].clone() for k, p in ref_params.items()},
                          "exp_avg_sq": {k: opt.state[p]["exp_avg_sq"].clone() for k, p in ref_params.items()}}
-        params, opt_state, metrics = update(old, opt_state, batch, hyper)
+        norm = fresh_norm(rf, old, batch) if i == 0 else norm
+        params, opt_state, norm, metrics = update(old, opt_state, norm, batch, hyper)
         assert all(v.dtype == torch.float64 for v in params.values())
+        if running_norm:
+            obs = torch.from_numpy(reference_norm.obs(batch.obs.numpy(), batch.valid.numpy()))
+            rewards = reference_norm.rewards(batch.rewards.numpy(), batch.dones.numpy(), batch.valid.numpy())
+            reference_norm.check(norm)
+            batch = batch._replace(obs=obs)
+        else:
+            rewards = batch.rewards.numpy()
 
-        returns = torch.from_numpy(ref_returns(batch.rewards.numpy(), episodes, args.gamma, return_type)[0])
+        returns = torch.from_numpy(ref_returns(rewards, episodes, args.gamma, return_type)[0])
         if normalize_returns:
             returns = ref_normalize(returns, batch.valid)
         opt.zero_grad()
@@ -510,7 +524,7 @@ def test_make_update_matches_torch_pipeline(continuous, return_type, normalize_r
 
 # two agents (two learning rates): the compiled graph is the vmapped update, as in a --num-seeds / grid run
 COMPILE_ARGS = dict(gamma=0.99, return_type="episode", normalize_returns=True, ent_coef=(0.01,), max_grad_norm=0.5,
-                    learning_rate=(1e-2, 3e-3), hidden_sizes=(64, 64))
+                    learning_rate=(1e-2, 3e-3), hidden_sizes=(64, 64), normalize_obs=True, normalize_reward=True)
 
 
 @pytest.fixture(scope="module")
@@ -537,7 +551,8 @@ def test_vmapped_update_is_each_agents_own_update(continuous):
     """make_update over 3 stacked agents (different parameters, batches, learning rates and entropy coefficients)
     == make_agent_update on each agent's slice: vmap changes nothing and no agent's data leaks into another's."""
     args = rf.Args(compile=False, gamma=0.95, return_type="reward-to-go", normalize_returns=True, max_grad_norm=0.5,
-                   learning_rate=(1e-2, 3e-2, 5e-3), ent_coef=(0.0,), hidden_sizes=HIDDEN)
+                   learning_rate=(1e-2, 3e-2, 5e-3), ent_coef=(0.0,), hidden_sizes=HIDDEN,
+                   normalize_obs=continuous, normalize_reward=continuous)
     hyper = agent_hyper([1e-2, 3e-2, 5e-3], [0.0, 0.05, 0.01])
     params = [make_params(30 + a, continuous) for a in range(3)]
     batches = [stack_batches([random_batch(40 + 3 * u + a, 50, 4, continuous)[0] for a in range(3)])
@@ -620,7 +635,7 @@ def test_policy_gradient_estimator_is_unbiased_on_exact_mdp():
     batch_returns = []  # mean episode return of each batch
     try:
         for i in range(num_batches):
-            batch, steps = rollout.collect(stacked, [generator], [rf.derived_seed(7, 0, i)], np.ones(1, dtype=bool),
+            batch, steps = rollout.collect(stacked, None, [generator], [rf.derived_seed(7, 0, i)], np.ones(1, dtype=bool),
                                            on_episode=lambda *a: None)
             batch = agent_batch(batch, 0)
             assert steps.tolist() == [2] and batch.valid.sum().item() == 2 * num_envs
@@ -679,7 +694,7 @@ def test_rollout_buffer_grows_for_envs_without_time_limit(module):
     assert rollout.capacity == 8
     params = mod.init_params(2, 2, (8,), False, torch.Generator().manual_seed(0))
     episodes = []
-    batch, steps = rollout.collect(mod.stack_agents([params]), [torch.Generator().manual_seed(0)], [0],
+    batch, steps = rollout.collect(mod.stack_agents([params]), None, [torch.Generator().manual_seed(0)], [0],
                                    np.ones(1, dtype=bool), lambda *e: episodes.append(e))
     batch = agent_batch(batch, 0)
     assert steps.tolist() == [50] and rollout.capacity >= 50
