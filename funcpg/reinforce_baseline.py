@@ -118,7 +118,7 @@ class Args:
     value_learning_rate: float = 0.01
     """Adam step size of the value network (--baseline value)"""
     gamma: float = 0.99
-    """discount factor, in [0, 1]"""
+    """discount factor, in [0, 1] (continuous actions: 0.95)"""
     return_type: Literal["reward-to-go", "episode"] = "reward-to-go"
     """weight of log pi(a_t|s_t): the return from t on, or the whole episode's return G_0"""
     normalize_advantages: bool = True
@@ -133,10 +133,16 @@ class Args:
     log_std_init: float = 0.0
     """initial log standard deviation of the Gaussian policy (continuous actions)"""
     normalize_obs: bool = False
-    """feed the networks observations standardized by their running mean and variance, clipped to [-10, 10]"""
+    """standardize observations by their running mean and variance, clip to [-10, 10] (continuous actions: on)"""
     normalize_reward: bool = False
-    """divide rewards by the running standard deviation of the discounted return (clipped to [-10, 10])"""
+    """divide rewards by the running std of the discounted return, clip to [-10, 10] (continuous actions: on)"""
 
+
+
+# Continuous actions (a Box action space: Pendulum, MountainCarContinuous, LunarLanderContinuous, ...) change these
+# defaults of the command line; a flag given still wins (--no-normalize-reward, --gamma 0.99), and a run's first
+# line of output says which it took.
+CONTINUOUS_DEFAULTS = {"gamma": 0.95, "normalize_obs": True, "normalize_reward": True}
 
 # ----------------------------------------------------------------------------------------------------------------
 # Environments
@@ -1217,9 +1223,29 @@ def tyro_error_line(box: str) -> str:
     return message
 
 
+def env_defaults(env_id: str) -> Args:
+    """Args() with CONTINUOUS_DEFAULTS for an env with continuous actions; Args() otherwise (also for an env that
+    cannot be made: validate reports it)."""
+    try:
+        envs = make_env(env_id, 1)
+    except Exception:
+        return Args()
+    continuous = isinstance(envs.single_action_space, gym.spaces.Box)
+    envs.close()
+    return dataclasses.replace(Args(), **CONTINUOUS_DEFAULTS) if continuous else Args()
+
+
 def parse_args(default: Optional[Args] = None, argv: Optional[list[str]] = None) -> Args:
     """tyro.cli over argv (default: the command line), with tyro's error box turned into the one line
-    `error: ...` of every other bad input (exit 2). --help prints to stdout as usual."""
+    `error: ...` of every other bad input (exit 2). --help prints to stdout as usual. Without `default`, the
+    defaults are those of the env's action space (env_defaults); flags given override them."""
+    args = parse_with_defaults(default, argv)
+    if default is None and env_defaults(args.env_id) != Args():
+        args = parse_with_defaults(env_defaults(args.env_id), argv)
+    return args
+
+
+def parse_with_defaults(default: Optional[Args], argv: Optional[list[str]]) -> Args:
     captured = io.StringIO()
     try:
         with contextlib.redirect_stderr(captured):
@@ -1230,6 +1256,14 @@ def parse_args(default: Optional[Args] = None, argv: Optional[list[str]] = None)
         raise
     sys.stderr.write(captured.getvalue())
     return args
+
+
+def flag_text(field: str, value) -> str:
+    """How a value is written on the command line: --normalize-obs, --no-normalize-obs, --gamma 0.95."""
+    flag = field.replace("_", "-")
+    if isinstance(value, bool):
+        return f"--{flag}" if value else f"--no-{flag}"
+    return f"--{flag} {' '.join(map(str, value)) if isinstance(value, tuple) else value}"
 
 
 def main() -> None:
@@ -1245,6 +1279,9 @@ def main() -> None:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    if not args.quiet and not args.resume and env_defaults(args.env_id) != Args():
+        taken = [flag_text(k, v) for k, v in CONTINUOUS_DEFAULTS.items() if getattr(args, k) == v]
+        print(f"continuous actions: defaults {' '.join(taken) or '(none: every one overridden)'} (flags override them)")
     try:
         result = train(args)
     except NonFiniteLoss as e:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import ast
 import csv
 import dataclasses
+import importlib
 import json
 import math
 import os
@@ -705,6 +706,11 @@ COMMON_FLAGS = [
                   "--total-timesteps", 1998], id="MountainCarContinuous"),
     pytest.param(["--env-id", "Acrobot-v1", "--num-envs", 4, "--num-steps", 64, "--total-timesteps", 2000],
                  id="Acrobot"),
+    # Box2D (the box2d extra): discrete and continuous LunarLander
+    pytest.param(["--env-id", "LunarLander-v3", "--num-envs", 2, "--num-steps", 32, "--total-timesteps", 2000],
+                 id="LunarLander"),
+    pytest.param(["--env-id", "LunarLanderContinuous-v3", "--num-envs", 2, "--num-steps", 32, "--total-timesteps",
+                  2000], id="LunarLanderContinuous"),
     pytest.param(["--env-id", "gymnasium.envs.classic_control.cartpole:CartPole-v1", "--ent-coef", 0.01,
                   "--eval-temperature", 1, "--eval-every", 1000, "--eval-episodes", 3, "--total-timesteps", 2000],
                  id="module-colon-id-ent-coef-eval-temperature"),
@@ -1297,3 +1303,69 @@ def test_anneal_lr_gives_every_update_each_agents_scheduled_rate(tmp_path, monke
     seen.clear()
     module.train(dataclasses.replace(args, anneal_lr=False, run_dir=str(tmp_path / "constant")))
     assert all(rates == [a["learning_rate"] for a in result["agents"]] for rates in seen)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 11. continuous actions pick their own defaults; flags still win
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def continuous_defaults(script: str) -> dict:
+    """The script's CONTINUOUS_DEFAULTS table, read from its source (the scripts are not imported here)."""
+    tree = ast.parse(script_path(script).read_text())
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "CONTINUOUS_DEFAULTS" for t in node.targets):
+            return ast.literal_eval(node.value)
+    raise AssertionError(f"{script} has no CONTINUOUS_DEFAULTS")
+
+
+def flag_of(field: str, value) -> str:
+    flag = "--" + field.replace("_", "-")
+    if isinstance(value, bool):
+        return flag if value else "--no-" + flag[2:]
+    return f"{flag} {' '.join(map(str, value)) if isinstance(value, (list, tuple)) else value}"
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_continuous_actions_take_their_defaults_say_so_and_flags_override_them(tmp_path, script):
+    table = continuous_defaults(script)
+    assert table and set(table) <= set(args_fields(script)), table
+    common = ["--total-timesteps", 400, "--eval-every", 0, "--num-envs", 2, "--num-steps", 8]
+    # --help (the fields' docstrings) says what continuous actions change
+    for field, value in table.items():
+        shown = ("on" if value else "off") if isinstance(value, bool) else str(value)
+        assert f"continuous actions: {shown}" in " ".join(args_fields(script)[field].split()), (field, value)
+    # a continuous env: the run takes the table, and its first line of output lists it
+    r = run_script(script, "--env-id", "Pendulum-v1", *common, "--run-dir", "box", cwd=tmp_path)
+    assert_ok(r)
+    first = r.stdout.splitlines()[0]
+    assert first.startswith("continuous actions: defaults"), first
+    config = read_config(tmp_path / "box")
+    for field, value in table.items():
+        assert config[field] == (list(value) if isinstance(value, tuple) else value), field
+        assert flag_of(field, value) in first, (field, first)
+    # every flag given wins over the table, and the line no longer claims it
+    overrides = {field: (not value) if isinstance(value, bool) else
+                 (tuple(v * 0.5 for v in value) if isinstance(value, tuple) else round(value * 0.9, 6))
+                 for field, value in table.items()}
+    given = [token for field, value in overrides.items() for token in flag_of(field, value).split()]
+    r = run_script(script, "--env-id", "Pendulum-v1", *common, *given, "--run-dir", "given", cwd=tmp_path)
+    assert_ok(r)
+    config = read_config(tmp_path / "given")
+    for field, value in overrides.items():
+        assert config[field] == (list(value) if isinstance(value, tuple) else value), field
+        assert flag_of(field, table[field]) not in r.stdout.splitlines()[0]
+    # a discrete env keeps the plain defaults and prints no such line
+    r = run_script(script, "--env-id", "CartPole-v1", *common, "--run-dir", "discrete", cwd=tmp_path)
+    assert_ok(r)
+    assert "continuous actions" not in r.stdout
+    config = read_config(tmp_path / "discrete")
+    plain = args_fields_defaults(script)
+    for field in table:
+        assert config[field] == plain[field], field
+
+
+def args_fields_defaults(script: str) -> dict:
+    """The Args defaults of a script (its dataclass, imported as a module)."""
+    module = importlib.import_module(f"funcpg.{script}")
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(module.Args()).items()}
