@@ -304,14 +304,23 @@ def training_speed(run_dir: str) -> dict:
     global_steps summed, over the final wall_time (the seeds of a run share one clock, and the REINFORCE
     scripts' seeds may end at different steps). steps_per_s_after_first_update leaves out the first update's
     steps and seconds, and with them the compile (nan for a run of one update).
+
+    A run whose config.json says "sequential_seeds": true (funcpg/sb3_reference.py's run mode) trained its seeds one
+    after another, each on its own clock: its seconds are the sum of the seeds' final wall_times instead.
     """
+    config_path = os.path.join(run_dir, "config.json")
+    sequential = False
+    if os.path.exists(config_path):
+        with open(config_path) as f:
+            sequential = bool(json.load(f).get("sequential_seeds", False))
+    clock = sum if sequential else max  # the run's seconds from its seeds' wall_times
     by_agent: dict[tuple, list[tuple[int, float]]] = {}  # per agent: a grid run repeats seeds across its values
     for row in read_csv(os.path.join(run_dir, "updates.csv")):
         agent = (row["seed"], row.get("learning_rate"), row.get("ent_coef"))
         by_agent.setdefault(agent, []).append((int(row["global_step"]), float(row["wall_time"])))
     first, last = [min(rows) for rows in by_agent.values()], [max(rows) for rows in by_agent.values()]
-    steps, seconds = sum(step for step, _ in last), max(wall for _, wall in last)
-    later_steps, later_seconds = steps - sum(step for step, _ in first), seconds - max(wall for _, wall in first)
+    steps, seconds = sum(step for step, _ in last), clock(wall for _, wall in last)
+    later_steps, later_seconds = steps - sum(step for step, _ in first), seconds - clock(wall for _, wall in first)
     return {"seeds": len(by_agent), "updates": max(len(rows) for rows in by_agent.values()), "steps": steps,
             "seconds": seconds, "steps_per_s": steps / seconds,
             "steps_per_s_after_first_update": later_steps / later_seconds if later_seconds > 0 else float("nan")}

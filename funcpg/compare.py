@@ -6,6 +6,7 @@ and write learning curves, a summary table with rliable-style statistics, and pe
     python funcpg/compare.py --from runs/CartPole-v1__reinforce__1__1763700000 runs/CartPole-v1__actor_critic__1__1763700000
     python funcpg/compare.py --from runs/compare__CartPole-v1__1763700000 --band ci     # redraw an earlier comparison
     python funcpg/compare.py --env-id CartPole-v1 Acrobot-v1 --ray-address auto --seeds-per-task 5
+    python funcpg/compare.py --env-id Pendulum-v1 --algos actor_critic sb3_a2c --num-seeds 10 --total-timesteps 1000000
 
 Training: each (algorithm, env, seed group) is one run of funcpg/{algo}.py (its seeds vmapped in one process,
 --num-seeds), writing its normal run directory runs/{env_id}__{algo}__{first seed}__{unix_time}. Locally the runs
@@ -13,6 +14,15 @@ go in parallel processes, as many at once as the machine has cores (divided by -
 --ray-address each is a Ray task (num_cpus = --cpus-per-task) that ships the script's source to a worker, runs it
 there and sends the run directory's files back. A run that fails is reported with its algorithm, env and seeds,
 and the others are still compared (exit status 1).
+
+Stable-Baselines3 A2C beside them: --algos ... sb3_a2c (not in the default --algos; needs stable-baselines3: pip
+install 'funcpg[bench]') runs funcpg/sb3_reference.py in its run mode on the same command line, so it trains the
+same seeds (SB3's seed = the seed) to the same budget and writes a run directory of the same form; its label is
+sb3_a2c (the RL Zoo's tuned hyperparameters for the env, which sb3_reference.py's ZOO_A2C must list) or
+sb3_a2c_default with --algo-args "sb3_a2c:--settings default" (SB3's defaults, any env). Its global_step counts a
+seed's env steps over its n_envs envs, as the scripts' does. It trains a run's seeds one after another, each on its
+own clock from its learn() (its steps/s: all its steps over the sum of those seconds), while a script trains its
+seeds at once on one clock: for seconds to threshold that compare like for like, give --seeds-per-task 1.
 
 Every seed is judged at its run's budget (--total-timesteps): its episodes past it are left out. (A run stops at
 the first batch or rollout boundary at or after the budget, so its last batch may run past it; runs made by
@@ -70,6 +80,10 @@ CURVE_POINTS = 200  # grid points of a curve
 BOOTSTRAP_REPS = 50_000  # resamples for the IQM's confidence interval (rliable's default)
 BAND_REPS = 2_000  # resamples per grid point for --band ci
 CONFIDENCE = 0.95
+# algorithms that are not funcpg scripts: --algos name -> the script (funcpg/{script}.py) that runs them with the
+# scripts' command line (see funcpg/sb3_reference.py's run mode)
+REFERENCES = {"sb3_a2c": "sb3_reference"}
+ALLOWED_ALGOS = [*ALGORITHMS, *REFERENCES]
 # flags compare.py sets on every run; --algo-args may not override them
 CONTROLLED_FLAGS = ("--env-id", "--seed", "--num-seeds", "--total-timesteps", "--num-threads", "--run-dir", "--resume",
                     "--quiet")
@@ -77,7 +91,7 @@ CONTROLLED_FLAGS = ("--env-id", "--seed", "--num-seeds", "--total-timesteps", "-
 # differ only in these are seeds of the same variant
 RUN_ONLY_KEYS = {"exp_name", "seed", "num_seeds", "run_dir", "resume", "quiet", "tensorboard", "capture_video",
                  "save_every", "eval_every", "eval_episodes", "eval_temperature", "device", "num_threads", "compile",
-                 "agents", "funcpg", "torch", "gymnasium", "learning_rate", "ent_coef"}
+                 "agents", "funcpg", "torch", "gymnasium", "stable_baselines3", "learning_rate", "ent_coef"}
 TRAINING_FIELDS = ("env_id", "algos", "num_seeds", "total_timesteps", "algo_args", "seeds_per_task", "cpus_per_task",
                    "ray_address")
 
@@ -87,7 +101,8 @@ class CompareArgs:
     env_id: tuple[str, ...] = ("CartPole-v1",)
     """environments to train on (one figure panel each)"""
     algos: tuple[str, ...] = tuple(ALGORITHMS)
-    """algorithms to compare: the scripts funcpg/{algo}.py"""
+    """algorithms to compare: the scripts funcpg/{algo}.py, and sb3_a2c (Stable-Baselines3 A2C with the RL Zoo's
+    settings, through funcpg/sb3_reference.py; needs pip install 'funcpg[bench]')"""
     num_seeds: int = 10
     """seeds per algorithm and env: --seed .. --seed + num_seeds - 1"""
     seed: int = 1
@@ -590,6 +605,11 @@ class Outcome(NamedTuple):
     where: str  # the host it ran on (Ray), or "local"
 
 
+def script_of(algo: str) -> str:
+    """The file name (without .py) of the script that trains `algo`: funcpg/{algo}.py, or a reference's."""
+    return REFERENCES.get(algo, algo)
+
+
 def run_local(jobs: list[Job], cpus_per_task: int) -> Iterator[Outcome]:
     """The jobs as subprocesses, at most cores // cpus_per_task at once; outcomes in the order they finish.
     Ctrl-C reaches the running scripts too (they save a checkpoint and exit); jobs not yet started are skipped."""
@@ -597,7 +617,8 @@ def run_local(jobs: list[Job], cpus_per_task: int) -> Iterator[Outcome]:
 
     def one(job: Job) -> Outcome:
         start = time.perf_counter()
-        code, message = run_process(os.path.join(HERE, f"{job.algo}.py"), [*job.argv, "--run-dir", job.run_dir], stop)
+        script = os.path.join(HERE, f"{script_of(job.algo)}.py")
+        code, message = run_process(script, [*job.argv, "--run-dir", job.run_dir], stop)
         return Outcome(job, code, message, time.perf_counter() - start, "local")
 
     pool = concurrent.futures.ThreadPoolExecutor(max(1, (os.cpu_count() or 1) // cpus_per_task))
@@ -643,7 +664,7 @@ def run_ray(ray, jobs: list[Job], cpus_per_task: int) -> Iterator[Outcome]:
     sources = {}
     for job in jobs:
         if job.algo not in sources:
-            with open(os.path.join(HERE, f"{job.algo}.py")) as f:
+            with open(os.path.join(HERE, f"{script_of(job.algo)}.py")) as f:
                 sources[job.algo] = f.read()
     pending = {remote.remote(job.algo, sources[job.algo], job.argv): job for job in jobs}
     try:
@@ -706,8 +727,9 @@ def algo_flags(args: CompareArgs) -> dict[str, list[str]]:
 
 def check_script_flags(job: Job, extra: list[str]) -> None:
     """Parse and validate a job's flags with its script's own parser and validate(): no training, no files.
-    extra: the flags that came from --algo-args (named in the error)."""
-    module = benchmark.load_script(job.algo)
+    extra: the flags that came from --algo-args (named in the error). sb3_a2c: funcpg/sb3_reference.py's run mode
+    has the same parse_args / validate (validate builds its model, without training)."""
+    module = benchmark.load_script(script_of(job.algo))
     what = f"{job.algo} on {job.env_id}" + (f" with --algo-args {shlex.join(extra)!r}" if extra else "")
     captured = io.StringIO()
     try:
@@ -716,7 +738,9 @@ def check_script_flags(job: Job, extra: list[str]) -> None:
     except SystemExit:
         errors = [line for line in captured.getvalue().splitlines() if line.startswith("error: ")]
         reason = errors[-1][len("error: "):].removesuffix(" (--help lists every flag)") if errors else "asks for help"
-        raise ValueError(f"{what}: {reason} (python funcpg/{job.algo}.py --help lists its flags)") from None
+        help_flags = "--run-dir DIR --help" if job.algo in REFERENCES else "--help"
+        raise ValueError(f"{what}: {reason} (python funcpg/{script_of(job.algo)}.py {help_flags} lists its "
+                         f"flags)") from None
     try:
         module.validate(script_args)
     except ValueError as e:
@@ -746,10 +770,17 @@ def plan(args: CompareArgs, stamp: int) -> list[Job]:
         if given:
             raise ValueError(f"--from compares existing run directories; {', '.join(given)} only apply to training")
         return []
-    unknown = [a for a in args.algos if a not in ALGORITHMS]
+    unknown = [a for a in args.algos if a not in ALLOWED_ALGOS]
     if unknown or not args.algos:
         problem = f"unknown algorithm {', '.join(unknown)}" if unknown else "no algorithm given"
-        raise ValueError(f"--algos{''.join(' ' + a for a in args.algos)}: {problem}; allowed: one or more of {', '.join(ALGORITHMS)}")
+        raise ValueError(f"--algos{''.join(' ' + a for a in args.algos)}: {problem}; allowed: one or more of "
+                         f"{', '.join(ALLOWED_ALGOS)}")
+    if "sb3_a2c" in args.algos:
+        try:
+            import stable_baselines3  # noqa: F401
+        except ImportError:
+            raise ValueError("--algos sb3_a2c: needs stable-baselines3, which is not installed: pip install "
+                             "'funcpg[bench]' (on every Ray worker too, with --ray-address)") from None
     for flag, values in (("--algos", args.algos), ("--env-id", args.env_id)):
         if len(set(values)) != len(values):
             raise ValueError(f"{flag} {' '.join(values)}: each may be given once")

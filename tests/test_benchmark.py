@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from funcpg import actor_critic, reinforce, reinforce_baseline
-from funcpg.benchmark import reference_scan, scan_inputs
+from funcpg.benchmark import reference_scan, scan_inputs, training_speed
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -35,6 +35,23 @@ def test_reference_scan_by_hand():
 def test_reference_scan_matches_the_scripts_scan(module):
     inputs = scan_inputs(num_envs=8, length=128)
     torch.testing.assert_close(module.discounted_scan(*inputs), reference_scan(*inputs), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("sequential", [None, False, True], ids=["scripts", "not_sequential", "sequential"])
+def test_training_speed_of_seeds_on_one_clock_and_one_after_another(tmp_path, sequential):
+    # seed 1: updates at 1,000 and 3,000 steps (1 s, 4 s); seed 2: 1,000 and 2,000 (2 s, 5 s)
+    config = {"algorithm": "x"} if sequential is None else {"algorithm": "x", "sequential_seeds": sequential}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    (tmp_path / "updates.csv").write_text("seed,global_step,wall_time,policy_loss,value_loss,entropy,grad_norm,sps\n"
+                                          "1,1000,1.0,,,,,\n2,1000,2.0,,,,,\n1,3000,4.0,,,,,\n2,2000,5.0,,,,,\n")
+    speed = training_speed(str(tmp_path))
+    assert (speed["seeds"], speed["updates"], speed["steps"]) == (2, 2, 5000)
+    if sequential:  # each seed on its own clock (funcpg/sb3_reference.py's run mode): the seconds add up
+        assert speed["seconds"] == 9.0 and speed["steps_per_s"] == pytest.approx(5000 / 9)
+        assert speed["steps_per_s_after_first_update"] == pytest.approx(3000 / 6)
+    else:  # the seeds of a script's run share one clock
+        assert speed["seconds"] == 5.0 and speed["steps_per_s"] == pytest.approx(1000)
+        assert speed["steps_per_s_after_first_update"] == pytest.approx(3000 / 3)
 
 
 @pytest.mark.slow

@@ -5,6 +5,7 @@ end-to-end comparisons through the command line on both backends (local processe
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 import os
 import struct
@@ -15,10 +16,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from funcpg import compare
+from funcpg import compare, sb3_reference
 
 REPO = Path(__file__).resolve().parents[1]
 COMPARE = REPO / "funcpg" / "compare.py"
+# --algos sb3_a2c trains Stable-Baselines3 A2C, an optional dependency (pip install 'funcpg[bench]')
+needs_sb3 = pytest.mark.skipif(importlib.util.find_spec("stable_baselines3") is None,
+                               reason="needs stable-baselines3 (pip install 'funcpg[bench]')")
 
 
 def run_compare(args: list[str], cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -293,7 +297,7 @@ def fixture_dirs(root: Path) -> None:
 
 
 BAD_INPUT = [
-    (["--algos", "reinforce", "ppo"], ["--algos", "ppo", "allowed"]),
+    (["--algos", "reinforce", "ppo"], ["--algos", "ppo", "allowed", "actor_critic, sb3_a2c"]),
     (["--algos"], ["--algos", "allowed"]),
     (["--from", "missing"], ["'missing'", "no such directory"]),
     (["--from", "empty"], ["'empty'", "no config.json"]),
@@ -316,21 +320,44 @@ BAD_INPUT = [
     (["--algo-args", "all:--learning-rate=-1"], ["reinforce", "--learning-rate -1.0", "positive"]),
     (["--algo-args", "reinforce:--seed=3"], ["reinforce:--seed=3", "sets --seed itself"]),
     (["--ray-address", "not-an-address", "--algos", "reinforce"], ["--ray-address not-an-address", "cannot connect"]),
+    (["--algos", "reinforce", "--algo-args", "sb3_a2c:--settings default"], ["'sb3_a2c' is not one of --algos"]),
+]
+# sb3_a2c's flags, checked by funcpg/sb3_reference.py's run mode (parse_args and validate, which builds its model)
+BAD_SB3_INPUT = [
+    (["--algos", "actor_critic", "sb3_a2c", "--env-id", "MountainCar-v0"],
+     ["sb3_a2c on MountainCar-v0: --env-id 'MountainCar-v0': no RL Zoo A2C hyperparameters", "--settings default"]),
+    (["--algos", "sb3_a2c", "--algo-args", "sb3_a2c:--gamma 0.9"],
+     ["sb3_a2c on CartPole-v1 with --algo-args '--gamma 0.9'", "unrecognized arguments: --gamma 0.9",
+      "python funcpg/sb3_reference.py --run-dir DIR --help lists its flags"]),
+    (["--algos", "sb3_a2c", "--algo-args", "sb3_a2c:--settings=tuned"], ["sb3_a2c on CartPole-v1", "'tuned'"]),
+    (["--algos", "sb3_a2c", "--algo-args", "sb3_a2c:--seed=3"], ["sb3_a2c:--seed=3", "sets --seed itself"]),
 ]
 
 
-@pytest.mark.parametrize("flags,expected", BAD_INPUT, ids=[" ".join(f) for f, _ in BAD_INPUT])
-def test_bad_input_is_one_clear_line_before_any_work(tmp_path, flags, expected):
-    fixture_dirs(tmp_path)
-    before = sorted(p.name for p in tmp_path.iterdir())
-    r = run_compare(flags, cwd=tmp_path)
+def check_bad_input(root: Path, flags: list[str], expected: list[str]) -> None:
+    """compare.py with `flags` in `root` (holding fixture_dirs) exits 2 with one line `error: ...` holding every
+    text of `expected`, and writes nothing."""
+    fixture_dirs(root)
+    before = sorted(p.name for p in root.iterdir())
+    r = run_compare(flags, cwd=root)
     assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
     lines = [line for line in r.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
     assert "Traceback" not in r.stderr
     for text in expected:
         assert text in lines[0], (text, lines[0])
-    assert sorted(p.name for p in tmp_path.iterdir()) == before, "bad input wrote files"
+    assert sorted(p.name for p in root.iterdir()) == before, "bad input wrote files"
+
+
+@pytest.mark.parametrize("flags,expected", BAD_INPUT, ids=[" ".join(f) for f, _ in BAD_INPUT])
+def test_bad_input_is_one_clear_line_before_any_work(tmp_path, flags, expected):
+    check_bad_input(tmp_path, flags, expected)
+
+
+@needs_sb3
+@pytest.mark.parametrize("flags,expected", BAD_SB3_INPUT, ids=[" ".join(f) for f, _ in BAD_SB3_INPUT])
+def test_bad_sb3_a2c_input_is_one_clear_line_before_any_work(tmp_path, flags, expected):
+    check_bad_input(tmp_path, flags, expected)
 
 
 def test_ray_address_without_ray_installed_says_how_to_get_it(tmp_path):
@@ -344,6 +371,25 @@ def test_ray_address_without_ray_installed_says_how_to_get_it(tmp_path):
         "error: --ray-address local: Ray is not installed; pip install 'funcpg[ray]' (or pip install ray), or leave "
         "out --ray-address to train on this machine"]
     assert not (tmp_path / "runs").exists()
+
+
+def test_sb3_a2c_without_stable_baselines3_says_how_to_install_it(tmp_path):
+    shim = tmp_path / "no_sb3"
+    (shim / "stable_baselines3").mkdir(parents=True)
+    (shim / "stable_baselines3" / "__init__.py").write_text("raise ImportError('No module named stable_baselines3')\n")
+    r = run_compare(["--algos", "actor_critic", "sb3_a2c", "--total-timesteps", "2000"], cwd=tmp_path,
+                    env={"PYTHONPATH": os.pathsep.join([str(shim), os.environ.get("PYTHONPATH", "")])})
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.strip().splitlines() == [
+        "error: --algos sb3_a2c: needs stable-baselines3, which is not installed: pip install 'funcpg[bench]' (on "
+        "every Ray worker too, with --ray-address)"]
+    assert not (tmp_path / "runs").exists()
+
+
+def test_sb3_a2c_is_allowed_but_not_a_default():
+    assert compare.CompareArgs().algos == ("reinforce", "reinforce_baseline", "actor_critic")
+    assert compare.ALLOWED_ALGOS == ["reinforce", "reinforce_baseline", "actor_critic", "sb3_a2c"]
+    assert compare.script_of("sb3_a2c") == "sb3_reference" and compare.script_of("actor_critic") == "actor_critic"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -404,3 +450,47 @@ def test_a_failed_run_is_reported_and_the_rest_still_compared(tmp_path, backend)
     # the failed run keeps its directory and its last finite checkpoint
     [failed] = [p for p in (tmp_path / "runs").iterdir() if "actor_critic" in p.name]
     assert (failed / "checkpoint.pt").exists()
+
+
+@needs_sb3
+@pytest.mark.slow
+def test_sb3_a2c_beside_actor_critic_on_the_same_seeds_and_budget(tmp_path):
+    r = run_compare(["--algos", "actor_critic", "sb3_a2c", "--num-seeds", "2", "--seed", "5", "--total-timesteps",
+                     "3000", "--threshold", "20", "--out", "cmp"], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    rows = read_rows(tmp_path / "cmp" / "summary.csv")
+    assert [(row["algorithm"], row["seeds"], row["median_final_step"]) for row in rows] == [
+        ("actor_critic", "2", "3000.0"), ("sb3_a2c", "2", "3000.0")]
+    assert all(float(row["steps_per_s"]) > 0 for row in rows)
+    seeds = read_rows(tmp_path / "cmp" / "seeds.csv")
+    assert [(s["algorithm"], s["seed"]) for s in seeds] == [("actor_critic", "5"), ("actor_critic", "6"),
+                                                           ("sb3_a2c", "5"), ("sb3_a2c", "6")]
+    # sb3_a2c's run directory: SB3's own record of its seeds 5 and 6 (its seed is ours), and the final returns
+    # compare.py reports are the means of their last 100 episodes there
+    [run_dir] = [p for p in (tmp_path / "runs").iterdir() if "__sb3_a2c__" in p.name]
+    assert run_dir.name.startswith("CartPole-v1__sb3_a2c__5__")
+    config = json.loads((run_dir / "config.json").read_text())
+    assert (config["algorithm"], config["settings"], config["total_timesteps"]) == ("sb3_a2c", "zoo", 3000)
+    assert [a["seed"] for a in config["agents"]] == [5, 6]
+    episodes = read_rows(run_dir / "episodes.csv")
+    for s in seeds[2:]:
+        returns = [float(e["episodic_return"]) for e in episodes if e["seed"] == s["seed"]]
+        assert float(s["final_return"]) == pytest.approx(np.mean(returns[-100:]))
+        assert int(s["episodes"]) == len(returns)
+    alone = sb3_reference.run_sb3_a2c("CartPole-v1", 6, 3000, settings="zoo")
+    assert [float(e["episodic_return"]) for e in episodes if e["seed"] == "6"] == [x for _, _, x in alone["episodes"]]
+    assert "| CartPole-v1 | sb3_a2c | 2 |" in (tmp_path / "cmp" / "summary.md").read_text()
+
+
+@needs_sb3
+@pytest.mark.slow
+def test_sb3_a2c_on_ray_gives_the_local_numbers(tmp_path):
+    r = run_compare(["--algos", "sb3_a2c", "--num-seeds", "2", "--seeds-per-task", "1", "--total-timesteps", "2000",
+                     "--algo-args", "sb3_a2c:--settings default", "--ray-address", "local", "--out", "ray"],
+                    cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    seeds = read_rows(tmp_path / "ray" / "seeds.csv")
+    assert [(s["algorithm"], s["seed"]) for s in seeds] == [("sb3_a2c_default", "1"), ("sb3_a2c_default", "2")]
+    local = sb3_reference.main(["--quiet", "--settings", "default", "--num-seeds", "2", "--total-timesteps", "2000",
+                                "--run-dir", str(tmp_path / "local")])
+    assert [float(s["final_return"]) for s in seeds] == pytest.approx([x["last100_mean"] for x in local])
