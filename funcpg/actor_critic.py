@@ -99,15 +99,15 @@ class Args:
 
     # --- algorithm ---
     num_envs: int = 16
-    """parallel environments (a vector env) collecting each rollout"""
+    """parallel environments (a vector env) collecting each rollout (continuous actions: 8)"""
     num_steps: int = 5
-    """steps per environment in a rollout; one update per rollout (short rollouts, many small updates: stable)"""
+    """steps per environment in a rollout, one update per rollout (short: many small, stable updates) (continuous actions: 8)"""
     learning_rate: tuple[float, ...] = (0.001,)
     """Adam step size (one optimizer for policy and critic); several values train one agent per value and seed"""
     anneal_lr: bool = False
     """decay the learning rate linearly from its value to 0 at --total-timesteps"""
     gamma: float = 0.99
-    """discount factor, in [0, 1] (continuous actions: 0.95)"""
+    """discount factor, in [0, 1] (continuous actions: 0.9)"""
     gae_lambda: float = 1.0
     """GAE lambda in [0, 1]: 1 = n-step bootstrapped returns, 0 = one-step TD (continuous actions: 0.95)"""
     normalize_advantages: bool = False
@@ -135,7 +135,8 @@ class Args:
 # Continuous actions (a Box action space: Pendulum, MountainCarContinuous, LunarLanderContinuous, ...) change these
 # defaults of the command line; a flag given still wins (--no-normalize-reward, --gamma 0.99), and a run's first
 # line of output says which it took.
-CONTINUOUS_DEFAULTS = {"gamma": 0.95, "gae_lambda": 0.95, "normalize_obs": True, "normalize_reward": True}
+CONTINUOUS_DEFAULTS = {"num_envs": 8, "num_steps": 8, "gamma": 0.9, "gae_lambda": 0.95, "normalize_obs": True,
+                       "normalize_reward": True}
 
 # ----------------------------------------------------------------------------------------------------------------
 # Environments

@@ -671,6 +671,35 @@ def test_learns_cartpole_and_every_seed_stays_solved(tmp_path, script):
                         f"{failed} (all: { {s: round(m, 1) for s, m in final.items()} })")
 
 
+# Continuous control: actor_critic on MountainCarContinuous-v0 with the continuous-action defaults and the flag the
+# README gives for it (--gamma 0.99: the goal's +100 is 100+ steps away). A Gaussian policy that learns nothing
+# settles near 0 (it stops paying for actions); every seed must instead reach the goal in nearly every episode.
+CONTINUOUS_SEEDS, CONTINUOUS_BUDGET, MCC_SOLVED = 4, 200_000, 80.0
+
+
+@pytest.mark.slow
+def test_actor_critic_learns_mountain_car_continuous_on_every_seed(tmp_path):
+    started = time.time()
+    r = run_script(AC, "--env-id", "MountainCarContinuous-v0", "--gamma", 0.99, "--num-seeds", CONTINUOUS_SEEDS,
+                   "--total-timesteps", CONTINUOUS_BUDGET, "--eval-every", 0, "--run-dir", "run", "--quiet",
+                   cwd=tmp_path, timeout=900)
+    assert_ok(r)
+    config = read_config(tmp_path / "run")
+    assert config["normalize_obs"] and config["normalize_reward"], "not the continuous-action defaults"
+    _, episodes = read_csv(tmp_path / "run" / "episodes.csv")
+    returns = {}
+    for row in episodes:
+        if int(row["global_step"]) <= CONTINUOUS_BUDGET:
+            returns.setdefault(row["seed"], []).append(float(row["episodic_return"]))
+    assert sorted(returns, key=int) == [str(s) for s in range(1, CONTINUOUS_SEEDS + 1)], sorted(returns)
+    final = {seed: sum(r[-100:]) / len(r[-100:]) for seed, r in returns.items()}
+    print(f"actor_critic MountainCarContinuous-v0, {CONTINUOUS_BUDGET:,} steps, {time.time() - started:.0f} s: "
+          f"last-100 mean per seed {final}")
+    assert all(len(r) >= 100 for r in returns.values())
+    failed = {seed: round(m, 1) for seed, m in final.items() if m < MCC_SOLVED}
+    assert not failed, f"last-100 means below {MCC_SOLVED} at {CONTINUOUS_BUDGET:,} steps: {failed} (all: {final})"
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # 7. other environments and flags
 # ----------------------------------------------------------------------------------------------------------------
@@ -1330,7 +1359,9 @@ def flag_of(field: str, value) -> str:
 def test_continuous_actions_take_their_defaults_say_so_and_flags_override_them(tmp_path, script):
     table = continuous_defaults(script)
     assert table and set(table) <= set(args_fields(script)), table
-    common = ["--total-timesteps", 400, "--eval-every", 0, "--num-envs", 2, "--num-steps", 8]
+    common = ["--total-timesteps", 400, "--eval-every", 0,
+              *[token for field, value in (("num_envs", 2), ("num_steps", 8)) if field not in table
+                for token in flag_of(field, value).split()]]
     # --help (the fields' docstrings) says what continuous actions change
     for field, value in table.items():
         shown = ("on" if value else "off") if isinstance(value, bool) else str(value)
@@ -1345,7 +1376,7 @@ def test_continuous_actions_take_their_defaults_say_so_and_flags_override_them(t
         assert config[field] == (list(value) if isinstance(value, tuple) else value), field
         assert flag_of(field, value) in first, (field, first)
     # every flag given wins over the table, and the line no longer claims it
-    overrides = {field: (not value) if isinstance(value, bool) else
+    overrides = {field: (not value) if isinstance(value, bool) else value + 1 if isinstance(value, int) else
                  (tuple(v * 0.5 for v in value) if isinstance(value, tuple) else round(value * 0.9, 6))
                  for field, value in table.items()}
     given = [token for field, value in overrides.items() for token in flag_of(field, value).split()]
