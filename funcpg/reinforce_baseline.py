@@ -133,16 +133,16 @@ class Args:
     log_std_init: float = 0.0
     """initial log standard deviation of the Gaussian policy (continuous actions)"""
     normalize_obs: bool = False
-    """standardize observations by their running mean and variance, clip to [-10, 10] (continuous actions: on)"""
+    """standardize observations by their running mean and variance, clip to [-10, 10]"""
     normalize_reward: bool = False
-    """divide rewards by the running std of the discounted return, clip to [-10, 10] (continuous actions: on)"""
+    """divide rewards by the running std of the discounted return, clip to [-10, 10]"""
 
 
 
 # Continuous actions (a Box action space: Pendulum, MountainCarContinuous, LunarLanderContinuous, ...) change these
 # defaults of the command line; a flag given still wins (--no-normalize-reward, --gamma 0.99), and a run's first
 # line of output says which it took.
-CONTINUOUS_DEFAULTS = {"gamma": 0.95, "normalize_obs": True, "normalize_reward": True}
+CONTINUOUS_DEFAULTS = {"gamma": 0.95}  # normalization made it worse on Pendulum-v1 (see the README)
 
 # ----------------------------------------------------------------------------------------------------------------
 # Environments
