@@ -101,7 +101,7 @@ class Args:
     num_envs: int = 16
     """parallel environments (a vector env) collecting each rollout (continuous actions: 8)"""
     num_steps: int = 5
-    """steps per environment in a rollout, one update per rollout (short: many small, stable updates) (continuous actions: 8)"""
+    """steps per env in a rollout, one update per rollout (short: many small, stable updates) (continuous actions: 8)"""
     learning_rate: tuple[float, ...] = (0.001,)
     """Adam step size (one optimizer for policy and critic); several values train one agent per value and seed"""
     anneal_lr: bool = False
@@ -131,12 +131,12 @@ class Args:
     """divide rewards by the running std of the discounted return, clip to [-10, 10] (continuous actions: on)"""
 
 
-
 # Continuous actions (a Box action space: Pendulum, MountainCarContinuous, LunarLanderContinuous, ...) change these
 # defaults of the command line; a flag given still wins (--no-normalize-reward, --gamma 0.99), and a run's first
 # line of output says which it took.
 CONTINUOUS_DEFAULTS = {"num_envs": 8, "num_steps": 8, "gamma": 0.9, "gae_lambda": 0.95, "normalize_obs": True,
                        "normalize_reward": True}
+
 
 # ----------------------------------------------------------------------------------------------------------------
 # Environments
@@ -401,7 +401,6 @@ def norm_init(obs_dim: int, num_envs: int, device: torch.device) -> dict:
     discounted return (the carry of discounted_returns_so_far)."""
     return {"obs": stats_init((obs_dim,), device), "return": stats_init((), device),
             "running_return": torch.zeros(num_envs, device=device)}
-
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -129,11 +129,11 @@ class Args:
     """divide rewards by the running std of the discounted return, clip to [-10, 10] (continuous actions: on)"""
 
 
-
 # Continuous actions (a Box action space: Pendulum, MountainCarContinuous, LunarLanderContinuous, ...) change these
 # defaults of the command line; a flag given still wins (--no-normalize-reward, --gamma 0.99), and a run's first
 # line of output says which it took.
 CONTINUOUS_DEFAULTS = {"gamma": 0.95, "normalize_obs": True, "normalize_reward": True}
+
 
 # ----------------------------------------------------------------------------------------------------------------
 # Environments
