@@ -273,6 +273,14 @@ class NumpyNormalizer:
         self.seen_returns.append(running[valid.astype(bool)])
         return np.clip(rewards / np.sqrt(np.concatenate(self.seen_returns).var() + 1e-8), -10, 10)
 
+    def apply(self, batch, norm: dict):
+        """What the reference pipeline learns from: the batch with its observations normalized and its rewards
+        scaled (numpy); also checks that the script's state `norm` after the update holds these statistics."""
+        obs = torch.from_numpy(self.obs(batch.obs.numpy(), batch.valid.numpy()))
+        rewards = self.rewards(batch.rewards.numpy(), batch.dones.numpy(), batch.valid.numpy())
+        self.check(norm)
+        return batch._replace(obs=obs), rewards
+
     def check(self, norm: dict) -> None:
         """A script's normalization state holds what this reference has seen."""
         for key, seen in (("obs", self.seen_obs), ("return", self.seen_returns)):

@@ -1008,13 +1008,7 @@ def test_rb_make_update_matches_torch_pipeline(continuous, baseline, return_type
         norm = fresh_norm(rb, old, batch) if i == 0 else norm
         params, opt_state, norm, metrics = update(old, opt_state, norm, batch, hyper)
         assert all(v.dtype == torch.float64 for v in params.values())
-        if running_norm:
-            obs = torch.from_numpy(reference_norm.obs(batch.obs.numpy(), batch.valid.numpy()))
-            rewards = reference_norm.rewards(batch.rewards.numpy(), batch.dones.numpy(), batch.valid.numpy())
-            reference_norm.check(norm)
-            batch = batch._replace(obs=obs)
-        else:
-            rewards = batch.rewards.numpy()
+        batch, rewards = reference_norm.apply(batch, norm) if running_norm else (batch, batch.rewards.numpy())
 
         with torch.no_grad():
             values = ref.value(batch.obs) if ref.has_critic else None  # [T + 1, N]
@@ -1087,13 +1081,7 @@ def test_ac_make_update_matches_torch_pipeline(continuous, shared_trunk, normali
         norm = fresh_norm(ac, old, batch) if i == 0 else norm
         params, opt_state, norm, metrics = update(old, opt_state, norm, batch, hyper)
         assert all(v.dtype == torch.float64 for v in params.values())
-        if running_norm:
-            obs = torch.from_numpy(reference_norm.obs(batch.obs.numpy(), batch.valid.numpy()))
-            rewards = reference_norm.rewards(batch.rewards.numpy(), batch.dones.numpy(), batch.valid.numpy())
-            reference_norm.check(norm)
-            batch = batch._replace(obs=obs)
-        else:
-            rewards = batch.rewards.numpy()
+        batch, rewards = reference_norm.apply(batch, norm) if running_norm else (batch, batch.rewards.numpy())
 
         with torch.no_grad():
             values = ref.value(batch.obs)

@@ -481,13 +481,7 @@ def test_make_update_matches_torch_pipeline(continuous, return_type, normalize_r
         norm = fresh_norm(rf, old, batch) if i == 0 else norm
         params, opt_state, norm, metrics = update(old, opt_state, norm, batch, hyper)
         assert all(v.dtype == torch.float64 for v in params.values())
-        if running_norm:
-            obs = torch.from_numpy(reference_norm.obs(batch.obs.numpy(), batch.valid.numpy()))
-            rewards = reference_norm.rewards(batch.rewards.numpy(), batch.dones.numpy(), batch.valid.numpy())
-            reference_norm.check(norm)
-            batch = batch._replace(obs=obs)
-        else:
-            rewards = batch.rewards.numpy()
+        batch, rewards = reference_norm.apply(batch, norm) if running_norm else (batch, batch.rewards.numpy())
 
         returns = torch.from_numpy(ref_returns(rewards, episodes, args.gamma, return_type)[0])
         if normalize_returns:
