@@ -204,3 +204,25 @@ def test_actor_critic_resume_continues_its_statistics(tmp_path):
         assert one["norm"][key]["count"].item() == saved["norm"][key]["count"].item() + 128, key
     moved = (one["norm"]["obs"]["mean"] - saved["norm"]["obs"]["mean"]).abs().max().item()
     assert 0 < moved < 1, "the statistics restarted (or did not take the new batch in)"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 4. --log-std-init
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_log_std_init_sets_the_gaussians_initial_log_std(tmp_path, script):
+    """init_params puts log_std_init in every action dimension (and nothing else changes); the flag reaches it."""
+    m = module_of(script)
+    plain = m.init_params(3, 2, (8,), True, torch.Generator().manual_seed(0))
+    low = {"reinforce": lambda: m.init_params(3, 2, (8,), True, torch.Generator().manual_seed(0), -1.5),
+           "reinforce_baseline": lambda: m.init_params(3, 2, (8,), True, torch.Generator().manual_seed(0), True, -1.5),
+           "actor_critic": lambda: m.init_params(3, 2, (8,), True, torch.Generator().manual_seed(0), False, -1.5)}[script]()
+    assert torch.equal(plain["pi.log_std"], torch.zeros(2)) and torch.equal(low["pi.log_std"], torch.full((2,), -1.5))
+    assert all(torch.equal(plain[k], low[k]) for k in plain if k != "pi.log_std")
+    assert_ok(run_script(script, "--env-id", "Pendulum-v1", "--log-std-init", -0.7, "--learning-rate", 1e-30,
+                         *(["--value-learning-rate", 1e-30] if script == "reinforce_baseline" else []),
+                         "--total-timesteps", 400, "--eval-every", 0, "--run-dir", "run", cwd=tmp_path))
+    log_std = load_checkpoint(tmp_path / "run" / "checkpoint.pt")["params"]["pi.log_std"]
+    torch.testing.assert_close(log_std, torch.full((1,), -0.7), rtol=0, atol=1e-6)
