@@ -1190,8 +1190,10 @@ def parse_args(default: Optional[Args] = None, argv: Optional[list[str]] = None)
     `error: ...` of every other bad input (exit 2). --help prints to stdout as usual. Without `default`, the
     defaults are those of the env's action space (env_defaults); flags given override them."""
     args = parse_with_defaults(default, argv)
-    if default is None and env_defaults(args.env_id) != Args():
-        args = parse_with_defaults(env_defaults(args.env_id), argv)
+    if default is None:
+        for_env = env_defaults(args.env_id)  # makes the env once
+        if for_env != Args():
+            args = parse_with_defaults(for_env, argv)
     return args
 
 
