@@ -32,7 +32,6 @@ in the JSON).
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import importlib
 import json
@@ -42,7 +41,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Literal, NamedTuple, Optional
+from typing import Annotated, Literal, NamedTuple, Optional
 
 import gymnasium as gym
 import numpy as np
@@ -50,7 +49,12 @@ import torch
 import tyro
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-ALGORITHMS = ["reinforce", "reinforce_baseline", "actor_critic"]
+if HERE not in sys.path:  # the tools import each other and the scripts as the standalone files they are
+    sys.path.insert(0, HERE)
+import tools_common  # noqa: E402
+from tools_common import load_script, read_csv, steps_to_threshold  # noqa: E402
+
+ALGORITHMS = tools_common.ALGORITHMS
 Part = Literal["ceiling", "threshold", "compile", "sb3", "pendulum", "acrobot", "throughput", "seeds", "scan", "memory"]
 CompileMode = Literal["eager", "compiled"]
 COMPILE_FLAG = {"eager": "--no-compile", "compiled": "--compile"}
@@ -99,26 +103,9 @@ class BenchArgs:
     """the memory part also measures a run with --num-seeds this many (1 = only the default run)"""
     quick: bool = False
     """tiny sizes for a smoke test (CI); the numbers are not meaningful"""
-    out: Optional[str] = None
-    """JSON output path (default runs/benchmark__{env_id}__{unix_time}.json)"""
-
-
-def steps_to_threshold(rows: list[dict], threshold: float, window: int = 100) -> Optional[tuple[int, float]]:
-    """(global_step, wall_time) of the first episode at which the mean of the last `window` returns >= threshold."""
-    returns = np.array([float(r["episodic_return"]) for r in rows])
-    if len(returns) < window:
-        return None
-    means = np.convolve(returns, np.ones(window) / window, mode="valid")
-    hits = np.flatnonzero(means >= threshold)
-    if len(hits) == 0:
-        return None
-    row = rows[hits[0] + window - 1]
-    return int(row["global_step"]), float(row["wall_time"])
-
-
-def read_csv(path: str) -> list[dict]:
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
+    out: Annotated[Optional[str], tyro.conf.arg(
+        help_behavior_hint="(default: runs/benchmark__{env_id}__{unix_time}.json)")] = None
+    """JSON output path"""
 
 
 class Process(NamedTuple):
@@ -199,15 +186,15 @@ def bench_threshold(algo: str, env_id: str, threshold: Optional[float], max_step
                                             *target, "--eval-every", "0", "--save-every", "0", "--run-dir", run_dir,
                                             *flags]).seconds
         episodes, updates = read_csv(os.path.join(run_dir, "episodes.csv")), read_csv(os.path.join(run_dir, "updates.csv"))
-        hit = steps_to_threshold(episodes, threshold) if threshold is not None else None
+        steps, walls, returns = tools_common.episode_arrays(episodes)
+        hit = steps_to_threshold(steps, walls, returns, threshold) if threshold is not None else None
         last = updates[-1]
         runs.append({"seed": seed, "steps_to_threshold": hit[0] if hit else None,
                      "seconds_to_threshold": hit[1] if hit else None,
                      "steps": int(last["global_step"]), "seconds": float(last["wall_time"]),
                      "steps_per_s": int(last["global_step"]) / float(last["wall_time"]),
                      "process_seconds": process_seconds,
-                     "last100_mean": float(np.mean([float(e["episodic_return"]) for e in episodes[-100:]]))
-                     if episodes else float("nan")})
+                     "last100_mean": float(np.mean(returns[-tools_common.WINDOW:])) if len(returns) else float("nan")})
     return {**summarize(runs), "flags": flags,
             "median_process_seconds": float(np.median([r["process_seconds"] for r in runs]))}
 
@@ -219,8 +206,8 @@ def bench_sb3(env_id: str, threshold: Optional[float], max_steps: int, seeds: li
     for seed in seeds:
         r = sb3.run_sb3_a2c(env_id, seed, max_steps, threshold, settings)
         # the threshold step by the same rule as for the funcpg runs (the callback only decides when to stop)
-        rows = [{"global_step": step, "wall_time": wall, "episodic_return": ret} for step, wall, ret in r["episodes"]]
-        hit = steps_to_threshold(rows, threshold) if threshold is not None else None
+        episodes = np.array(r["episodes"], dtype=np.float64).reshape(-1, 3)  # [E, (global_step, wall, return)]
+        hit = steps_to_threshold(*episodes.T, threshold) if threshold is not None else None
         runs.append({**{k: r[k] for k in ("seed", "steps", "seconds", "steps_per_s", "last100_mean")},
                      "steps_to_threshold": hit[0] if hit else None, "seconds_to_threshold": hit[1] if hit else None})
     return {**summarize(runs), "settings": settings}
@@ -476,15 +463,8 @@ def bench_memory(algo: str, env_id: str, steps: int, seed_counts: list[int], wor
     return {"steps": steps, "runs": peaks}
 
 
-def load_script(algo: str):
-    """The algorithm script as a module (the scripts are standalone files; the tools import them, never the reverse)."""
-    if HERE not in sys.path:
-        sys.path.insert(0, HERE)
-    return importlib.import_module(algo)
-
-
 def main() -> None:
-    args = tyro.cli(BenchArgs, description=__doc__.split("\n\n")[0])
+    args = tools_common.parse_cli(BenchArgs, __doc__.split("\n\n")[0])
     if args.quick:
         args = dataclasses.replace(args, seeds=1, throughput_steps=20_000, seed_counts=(1, 4), seed_steps=5_000,
                                    memory_steps=5_000)
@@ -623,4 +603,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    tools_common.run_main(main)

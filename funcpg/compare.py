@@ -73,9 +73,11 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 if HERE not in sys.path:  # the tools import each other and the scripts as the standalone files they are
     sys.path.insert(0, HERE)
 import benchmark  # noqa: E402
+import tools_common  # noqa: E402
+from tools_common import unused_path  # noqa: E402
 
-ALGORITHMS = benchmark.ALGORITHMS
-WINDOW = 100  # episodes in a seed's recent mean return (curves, final return, threshold)
+ALGORITHMS = tools_common.ALGORITHMS
+WINDOW = tools_common.WINDOW  # episodes in a seed's recent mean return (curves, final return, threshold)
 CURVE_POINTS = 200  # grid points of a curve
 BOOTSTRAP_REPS = 50_000  # resamples for the IQM's confidence interval (rliable's default)
 BAND_REPS = 2_000  # resamples per grid point for --band ci
@@ -83,6 +85,9 @@ CONFIDENCE = 0.95
 # algorithms that are not funcpg scripts: --algos name -> the script (funcpg/{script}.py) that runs them with the
 # scripts' command line (see funcpg/sb3_reference.py's run mode)
 REFERENCES = {"sb3_a2c": "sb3_reference"}
+# the modules (files in funcpg/) a reference's script imports: a Ray task runs them beside it (the algorithm scripts
+# stand alone and get none)
+REFERENCE_HELPERS = ("tools_common.py",)
 ALLOWED_ALGOS = [*ALGORITHMS, *REFERENCES]
 # flags compare.py sets on every run; --algo-args may not override them
 CONTROLLED_FLAGS = ("--env-id", "--seed", "--num-seeds", "--total-timesteps", "--num-threads", "--run-dir", "--resume",
@@ -109,26 +114,30 @@ class CompareArgs:
     """the first seed (it also seeds the bootstrap)"""
     total_timesteps: int = 500_000
     """env steps per seed"""
-    algo_args: tuple[str, ...] = ()
+    algo_args: Annotated[tuple[str, ...], tyro.conf.arg(help_behavior_hint="(default: none: each script's own "
+                                                                             "defaults)")] = ()
     """extra flags for one algorithm's runs, as ALGO:FLAGS (ALGO 'all' for every algorithm), e.g.
     actor_critic:--gae-lambda=0.95 or 'reinforce:--hidden-sizes 32 32'; repeatable"""
-    seeds_per_task: Optional[int] = None
-    """seeds per training process (per Ray task with --ray-address); default: all of an algorithm's seeds in one"""
+    seeds_per_task: Annotated[Optional[int], tyro.conf.arg(
+        help_behavior_hint="(default: all of an algorithm's seeds in one)")] = None
+    """seeds per training process (per Ray task with --ray-address)"""
     cpus_per_task: int = 1
     """CPU cores per training process: its --num-threads and its Ray num_cpus; locally, cores / this many
     processes run at once"""
-    ray_address: Optional[str] = None
+    ray_address: Annotated[Optional[str], tyro.conf.arg(help_behavior_hint="(default: none: train on this "
+                                                                          "machine)")] = None
     """run the training processes as tasks on a Ray cluster: its address, 'auto' (the cluster this machine is
     part of) or 'local' (start one on this machine); needs Ray (pip install 'funcpg[ray]')"""
-    from_: Annotated[tuple[str, ...], tyro.conf.arg(name="from")] = ()
+    from_: Annotated[tuple[str, ...], tyro.conf.arg(name="from", help_behavior_hint="(default: none: train)")] = ()
     """compare these existing run directories (or earlier comparison directories) instead of training"""
-    threshold: tuple[float, ...] = ()
-    """return threshold for 'steps to threshold': one value for every env, or one per env in --env-id order
-    (default: each env's registered reward_threshold, e.g. 475 for CartPole-v1; none for Pendulum-v1)"""
+    threshold: Annotated[tuple[float, ...], tyro.conf.arg(help_behavior_hint=(
+        "(default: each env's registered reward_threshold, e.g. 475 for CartPole-v1; none for Pendulum-v1)"))] = ()
+    """return threshold for 'steps to threshold': one value for every env, or one per env in --env-id order"""
     band: Literal["std", "ci"] = "std"
     """the shaded band around each curve: std across seeds, or a 95% bootstrap confidence interval of the mean"""
-    out: Optional[str] = None
-    """directory for the comparison's outputs (default runs/compare__{env_id}__{unix_time})"""
+    out: Annotated[Optional[str], tyro.conf.arg(
+        help_behavior_hint="(default: runs/compare__{env_id}__{unix_time})")] = None
+    """directory for the comparison's outputs"""
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -195,9 +204,7 @@ class Agent:
         threshold, or None."""
         if threshold is None:
             return None
-        rows = [{"global_step": s, "wall_time": w, "episodic_return": r}
-                for s, w, r in zip(self.steps, self.walls, self.returns)]
-        return benchmark.steps_to_threshold(rows, threshold, WINDOW)
+        return tools_common.steps_to_threshold(self.steps, self.walls, self.returns, threshold, WINDOW)
 
     def curve(self, grid: np.ndarray, clock: Literal["steps", "wall"]) -> np.ndarray:
         """[G] its mean return over its last WINDOW (or fewer) finished episodes at each grid point of env steps
@@ -243,13 +250,13 @@ def read_run_dir(path: str) -> tuple[dict, list[dict], list[dict]]:
         reason = "no config.json" if isinstance(e, FileNotFoundError) else f"unreadable config.json ({e})"
         raise ValueError(f"{path!r}: not a funcpg run directory ({reason})") from None
     try:
-        episodes = benchmark.read_csv(os.path.join(path, "episodes.csv"))
+        episodes = tools_common.read_csv(os.path.join(path, "episodes.csv"))
     except FileNotFoundError:
         episodes = []
     if not episodes:
         raise ValueError(f"{path!r}: holds no finished training episode (an empty or unstarted run)")
     updates_path = os.path.join(path, "updates.csv")
-    updates = benchmark.read_csv(updates_path) if os.path.exists(updates_path) else []
+    updates = tools_common.read_csv(updates_path) if os.path.exists(updates_path) else []
     return config, episodes, updates
 
 
@@ -287,12 +294,10 @@ def run_agents(path: str) -> tuple[dict, list[Agent]]:
         key = (a["seed"], a["learning_rate"], a["ent_coef"]) if grid else (a["seed"],)
         rows = by_agent.get(key, [])
         last = end.get(key) or (rows[-1] if rows else {"global_step": 0, "wall_time": 0.0})
+        steps, walls, returns = tools_common.episode_arrays(rows)
         agents.append(Agent(label=config.get("exp_name", config["algorithm"]), algorithm=config["algorithm"],
                             env_id=config["env_id"], seed=a["seed"], learning_rate=a["learning_rate"],
-                            ent_coef=a["ent_coef"], run_dir=path,
-                            steps=np.array([int(r["global_step"]) for r in rows], dtype=np.int64),
-                            walls=np.array([float(r["wall_time"]) for r in rows]),
-                            returns=np.array([float(r["episodic_return"]) for r in rows]),
+                            ent_coef=a["ent_coef"], run_dir=path, steps=steps, walls=walls, returns=returns,
                             final_step=int(min(int(last["global_step"]), budget)), final_wall=float(last["wall_time"])))
     return config, agents
 
@@ -369,7 +374,7 @@ def summarize(agents: list[Agent], threshold: Optional[float], seed: int) -> dic
     steps = seconds = 0.0
     for run_dir in dict.fromkeys(a.run_dir for a in agents):
         updates = os.path.join(run_dir, "updates.csv")
-        if os.path.exists(updates) and benchmark.read_csv(updates):  # a run without an update has no speed
+        if os.path.exists(updates) and tools_common.read_csv(updates):  # a run without an update has no speed
             speed = benchmark.training_speed(run_dir)
             steps, seconds = steps + speed["steps"], seconds + speed["seconds"]
     row["steps_per_s"] = steps / seconds if seconds > 0 else float("nan")
@@ -565,14 +570,15 @@ def run_process(script: str, argv: list[str], stop: Optional[threading.Event] = 
     return code, lines[-1] if lines else ""
 
 
-def ray_task(algo: str, source: str, argv: list[str]) -> dict:
-    """A training process on a Ray worker: the script's source is written to a temporary folder and run there with
-    its run directory inside it; returns its exit status, last stderr line, seconds, host and the run directory's
-    files."""
+def ray_task(algo: str, source: str, argv: list[str], helpers: Optional[dict[str, str]] = None) -> dict:
+    """A training process on a Ray worker: the script's source is written to a temporary folder (with helpers,
+    file name -> source, beside it: the modules a reference's script imports) and run there with its run directory
+    inside it; returns its exit status, last stderr line, seconds, host and the run directory's files."""
     with tempfile.TemporaryDirectory(prefix="funcpg_") as tmp:
         script, run_dir = os.path.join(tmp, f"{algo}.py"), os.path.join(tmp, "run")
-        with open(script, "w") as f:
-            f.write(source)
+        for name, text in {**(helpers or {}), f"{algo}.py": source}.items():
+            with open(os.path.join(tmp, name), "w") as f:
+                f.write(text)
         start = time.perf_counter()
         code, message = run_process(script, [*argv, "--run-dir", run_dir])
         seconds = time.perf_counter() - start
@@ -666,7 +672,12 @@ def run_ray(ray, jobs: list[Job], cpus_per_task: int) -> Iterator[Outcome]:
         if job.algo not in sources:
             with open(os.path.join(HERE, f"{script_of(job.algo)}.py")) as f:
                 sources[job.algo] = f.read()
-    pending = {remote.remote(job.algo, sources[job.algo], job.argv): job for job in jobs}
+    helpers = {}
+    for name in REFERENCE_HELPERS:
+        with open(os.path.join(HERE, name)) as f:
+            helpers[name] = f.read()
+    pending = {remote.remote(job.algo, sources[job.algo], job.argv, helpers if job.algo in REFERENCES else None): job
+               for job in jobs}
     try:
         while pending:
             [done], _ = ray.wait(list(pending), num_returns=1)
@@ -690,17 +701,9 @@ def run_ray(ray, jobs: list[Job], cpus_per_task: int) -> Iterator[Outcome]:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def parse_cli() -> CompareArgs:
+def parse_cli(argv: Optional[list[str]] = None) -> CompareArgs:
     """tyro.cli, with its error box as one line `error: ...` (exit 2), as the scripts report theirs."""
-    captured = io.StringIO()
-    try:
-        with contextlib.redirect_stderr(captured):
-            return tyro.cli(CompareArgs, description=__doc__.split("\n\n")[0])
-    except SystemExit as e:
-        if e.code not in (0, None):
-            line = benchmark.load_script(ALGORITHMS[0]).tyro_error_line(captured.getvalue())
-            print(f"error: {line} (--help lists every flag)", file=sys.stderr)
-        raise
+    return tools_common.parse_cli(CompareArgs, __doc__.split("\n\n")[0], argv)
 
 
 def algo_flags(args: CompareArgs) -> dict[str, list[str]]:
@@ -729,7 +732,7 @@ def check_script_flags(job: Job, extra: list[str]) -> None:
     """Parse and validate a job's flags with its script's own parser and validate(): no training, no files.
     extra: the flags that came from --algo-args (named in the error). sb3_a2c: funcpg/sb3_reference.py's run mode
     has the same parse_args / validate (validate builds its model, without training)."""
-    module = benchmark.load_script(script_of(job.algo))
+    module = tools_common.load_script(script_of(job.algo))
     what = f"{job.algo} on {job.env_id}" + (f" with --algo-args {shlex.join(extra)!r}" if extra else "")
     captured = io.StringIO()
     try:
@@ -786,13 +789,8 @@ def plan(args: CompareArgs, stamp: int) -> list[Job]:
             raise ValueError(f"{flag} {' '.join(values)}: each may be given once")
     if not args.env_id:
         raise ValueError("--env-id: no env given; allowed: one or more gymnasium env ids")
-    for flag, value in (("--num-seeds", args.num_seeds), ("--total-timesteps", args.total_timesteps),
-                        ("--cpus-per-task", args.cpus_per_task)):
-        if value < 1:
-            raise ValueError(f"{flag} {value}: must be a positive integer")
-    if not 0 <= args.seed <= 2**32 - args.num_seeds:
-        raise ValueError(f"--seed {args.seed}: must be an integer in [0, 2**32 - num_seeds] (the seeds are seed .. "
-                         f"seed + num_seeds - 1)")
+    tools_common.check_counts([("--num-seeds", args.num_seeds), ("--total-timesteps", args.total_timesteps),
+                               ("--cpus-per-task", args.cpus_per_task)], args.seed, args.num_seeds)
     group = args.seeds_per_task or args.num_seeds
     if not 1 <= group <= args.num_seeds:
         raise ValueError(f"--seeds-per-task {group}: must be in [1, --num-seeds {args.num_seeds}]")
@@ -813,11 +811,6 @@ def plan(args: CompareArgs, stamp: int) -> list[Job]:
             check_script_flags(job, flags[job.algo])
             checked.add((job.algo, job.env_id))
     return jobs
-
-
-def unused_path(path: str) -> str:
-    """path, or path-2, path-3, ... if it exists (as the scripts name their run directories)."""
-    return benchmark.load_script(ALGORITHMS[0]).unused_path(path)
 
 
 def train(args: CompareArgs, jobs: list[Job], ray) -> tuple[list[str], list[str], bool]:
@@ -898,4 +891,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    tools_common.run_main(main)

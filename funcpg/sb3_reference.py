@@ -60,6 +60,11 @@ import time
 from collections import deque
 from typing import Any, Callable, Optional
 
+HERE = os.path.dirname(os.path.abspath(__file__))
+if HERE not in sys.path:  # the tools import each other as the standalone files they are
+    sys.path.insert(0, HERE)
+import tools_common  # noqa: E402
+
 # A2C hyperparameters of the RL Zoo, copied from DLR-RM/rl-baselines3-zoo, file hyperparams/a2c.yml
 # (commit c6c209e7d487635f0b835fb916ec4468142b28ff; older versions of that file list "Pendulum-v0" with gamma 0.99,
 # the current one lists "Pendulum-v1" with gamma 0.9). How rl_zoo3/exp_manager.py turns them into objects:
@@ -147,7 +152,7 @@ ZOO_A2C: dict[str, dict[str, Any]] = {
 }
 
 SETTINGS = ("default", "zoo")
-WINDOW = 100  # returns averaged for the threshold and last100_mean (same window as funcpg/benchmark.py)
+WINDOW = tools_common.WINDOW  # returns averaged for the threshold and last100_mean (as in the other tools)
 ALGORITHM = "sb3_a2c"  # the run mode's config.json "algorithm" (compare.py's --algos name)
 EPISODE_COLUMNS = ["seed", "global_step", "wall_time", "episodic_return", "episodic_length"]
 UPDATE_COLUMNS = ["seed", "global_step", "wall_time", "policy_loss", "value_loss", "entropy", "grad_norm", "sps"]
@@ -337,28 +342,25 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                 description="Stable-Baselines3 A2C, run mode: train seeds seed .. seed + num_seeds - 1 one after "
                             "another and write a run directory that funcpg/compare.py reads (as the funcpg "
                             "scripts do).")
-    p.add_argument("--env-id", default="CartPole-v1", help="gymnasium env id")
-    p.add_argument("--seed", type=int, default=1, help="the first seed (SB3's seed argument)")
-    p.add_argument("--num-seeds", type=int, default=1, help="seeds, trained one after another")
-    p.add_argument("--total-timesteps", type=int, default=500_000, help="env steps per seed (over its n_envs envs)")
-    p.add_argument("--num-threads", type=int, default=1, help="torch threads")
-    p.add_argument("--quiet", action="store_true", help="print nothing but errors")
-    p.add_argument("--run-dir", required=True, help="the run directory to write (new)")
+    p.add_argument("--env-id", default="CartPole-v1", help="gymnasium env id (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=1, help="the first seed (SB3's seed argument) (default: %(default)s)")
+    p.add_argument("--num-seeds", type=int, default=1, help="seeds, trained one after another (default: %(default)s)")
+    p.add_argument("--total-timesteps", type=int, default=500_000,
+                   help="env steps per seed (over its n_envs envs) (default: %(default)s)")
+    p.add_argument("--num-threads", type=int, default=1, help="torch threads (default: %(default)s)")
+    p.add_argument("--quiet", action="store_true", help="print nothing but errors (default: off)")
+    p.add_argument("--run-dir", required=True, help="the run directory to write (new; required)")
     p.add_argument("--settings", choices=SETTINGS, default="zoo",
-                   help="zoo: the RL Zoo's tuned hyperparameters (ZOO_A2C); default: SB3's defaults with 8 envs")
+                   help="zoo: the RL Zoo's tuned hyperparameters (ZOO_A2C); default: SB3's defaults with 8 envs "
+                        "(default: %(default)s)")
     return p.parse_args(argv)
 
 
 def validate(args: argparse.Namespace) -> None:
     """Raise ValueError with a one-line message for any value the run mode cannot run with; builds a model (no
     training, no files)."""
-    for flag, value in (("--num-seeds", args.num_seeds), ("--total-timesteps", args.total_timesteps),
-                        ("--num-threads", args.num_threads)):
-        if value < 1:
-            raise ValueError(f"{flag} {value}: must be a positive integer")
-    if not 0 <= args.seed <= 2**32 - args.num_seeds:
-        raise ValueError(f"--seed {args.seed}: must be an integer in [0, 2**32 - num_seeds] (the seeds are "
-                         f"seed .. seed + num_seeds - 1)")
+    tools_common.check_counts([("--num-seeds", args.num_seeds), ("--total-timesteps", args.total_timesteps),
+                               ("--num-threads", args.num_threads)], args.seed, args.num_seeds)
     if args.settings == "zoo" and args.env_id not in ZOO_A2C:
         raise ValueError(f"--env-id {args.env_id!r}: no RL Zoo A2C hyperparameters recorded for it (ZOO_A2C); "
                          f"allowed with --settings zoo: {', '.join(ZOO_A2C)}; or --settings default")
@@ -496,13 +498,18 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
                        "--env-id --seed --num-seeds --total-timesteps --num-threads --quiet --run-dir, and "
                        "--settings, default zoo there) and writes a run directory; --run-dir DIR --help lists "
                        "them.", allow_abbrev=False)
-    p.add_argument("--env-id", default="CartPole-v1")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3])
-    p.add_argument("--total-timesteps", type=int, default=500_000)
+    p.add_argument("--env-id", default="CartPole-v1", help="gymnasium env id (default: %(default)s)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3],
+                   help="SB3 seeds, trained one after another (default: 0 1 2 3)")
+    p.add_argument("--total-timesteps", type=int, default=500_000, help="env steps per seed (default: %(default)s)")
     p.add_argument("--threshold", type=float, default=None,
-                   help="stop at the first episode where the mean of the last 100 returns >= this")
-    p.add_argument("--settings", choices=SETTINGS, default="default")
-    p.add_argument("--out", default=None, help="write all results (episodes included) as JSON here")
+                   help="stop at the first episode where the mean of the last 100 returns >= this (default: none: "
+                        "train to --total-timesteps)")
+    p.add_argument("--settings", choices=SETTINGS, default="default",
+                   help="default: SB3's defaults with 8 envs; zoo: the RL Zoo's tuned hyperparameters (ZOO_A2C) "
+                        "(default: %(default)s)")
+    p.add_argument("--out", default=None,
+                   help="write all results (episodes included) as JSON here (default: none: print only)")
     args = p.parse_args(argv)
 
     results = []
@@ -537,4 +544,4 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    main()
+    tools_common.run_main(main)
