@@ -5,6 +5,8 @@ end-to-end comparisons through the command line on both backends (local processe
 from __future__ import annotations
 
 import csv
+import dataclasses
+import importlib
 import importlib.util
 import json
 import os
@@ -383,6 +385,25 @@ def test_sb3_a2c_without_stable_baselines3_says_how_to_install_it(tmp_path):
     assert r.stderr.strip().splitlines() == [
         "error: --algos sb3_a2c: needs stable-baselines3, which is not installed: pip install 'funcpg[bench]' (on "
         "every Ray worker too, with --ray-address)"]
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("algo", compare.ALGORITHMS)
+def test_every_controlled_flag_is_a_field_of_every_scripts_args(algo):
+    # the flags compare.py sets on each training job, and refuses in --algo-args, must be the script's own
+    module = importlib.import_module(f"funcpg.{algo}")
+    fields = {field.name for field in dataclasses.fields(module.Args)}
+    missing = [flag for flag in compare.CONTROLLED_FLAGS if flag.removeprefix("--").replace("-", "_") not in fields]
+    assert missing == [], f"{algo}.Args lacks {missing}"
+
+
+def test_the_flags_compare_sets_on_a_job_are_its_controlled_flags(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    jobs = compare.plan(compare.CompareArgs(algos=("reinforce",), num_seeds=2, total_timesteps=1000,
+                                            algo_args=("reinforce:--gamma 0.9",)), stamp=0)
+    assert [job.argv[-2:] for job in jobs] == [["--gamma", "0.9"]]  # --algo-args come last
+    set_flags = {token.split("=")[0] for token in jobs[0].argv[:-2] if token.startswith("--")} | {"--run-dir"}
+    assert set_flags <= set(compare.CONTROLLED_FLAGS), set_flags - set(compare.CONTROLLED_FLAGS)
     assert not (tmp_path / "runs").exists()
 
 
