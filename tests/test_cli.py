@@ -1117,6 +1117,8 @@ def interrupt_after_three_updates(script: str, tmp_path: Path) -> tuple[Path, di
     assert "Traceback" not in out + err, err
     assert err.strip() == "", err
     assert "interrupted" in out.strip().splitlines()[-1] and str(run_dir) in out, out
+    # the last line gives the exact command that continues the run
+    assert out.strip().splitlines()[-1].endswith(f"{script_path(script)} --resume {run_dir}"), out
     assert not list(run_dir.glob("*.tmp"))
     ckpt = load_checkpoint(run_dir / "checkpoint.pt")
     step = ckpt["global_step"]

@@ -52,15 +52,15 @@ def stacked_batch(module, num_agents: int, num_envs: int = 4, num_steps: int = 2
     opt_state = module.stack_agents([module.adam_init(p) for p in per_agent])
     hyper = agent_hyper([1e-3 * (a + 1) for a in range(num_agents)], [0.01 * a for a in range(num_agents)])
     if module.ALGORITHM == "actor_critic":
-        batch, _ = module.Rollout(envs, num_agents, num_steps, torch.device("cpu"), 7).collect(
-            params, None, torch.Generator().manual_seed(0), lambda *a: None)
+        batch, _, _ = module.Rollout(envs, num_agents, num_steps, torch.device("cpu"), 7).collect(
+            params, None, torch.Generator().manual_seed(0))
         envs.close()
     else:  # one vector env per agent
         envs.close()
         rollout = module.Rollout([module.make_env("CartPole-v1", num_envs) for _ in range(num_agents)], num_steps,
                                  torch.device("cpu"))
-        batch, _ = rollout.collect(params, None, [torch.Generator().manual_seed(a) for a in range(num_agents)],
-                                   [7 + a for a in range(num_agents)], np.ones(num_agents, dtype=bool), lambda *a: None)
+        batch, _, _ = rollout.collect(params, None, [torch.Generator().manual_seed(a) for a in range(num_agents)],
+                                      [7 + a for a in range(num_agents)], np.ones(num_agents, dtype=bool))
         rollout.close()
     batch = module.Batch(*(x.clone() for x in batch))  # the rollout's buffers are reused by the next collect
     norm = stacked_norm(module, per_agent, batch)

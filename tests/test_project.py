@@ -171,6 +171,38 @@ def test_algorithm_scripts_share_the_common_args_and_names(script):
     assert expected <= defined, f"{script.name} lacks {sorted(expected - defined)}"
 
 
+MARKER = "# TRY NOT TO MODIFY"
+ALGORITHM_PART_BUDGET = 420  # lines above the marker: what a researcher reads to change the loss
+
+
+def split_at_marker(script: Path) -> tuple[list[str], list[str]]:
+    """(the algorithm part, the plumbing part from the marker line on) of a script, as lines."""
+    lines = script.read_text().splitlines(keepends=True)
+    at = [i for i, line in enumerate(lines) if line.startswith(MARKER)]
+    assert len(at) == 1, f"{script.name}: {len(at)} lines start with {MARKER!r}; expected exactly one"
+    return lines[:at[0]], lines[at[0]:]
+
+
+def test_the_plumbing_below_the_marker_is_the_same_in_the_three_scripts():
+    """Each script is the algorithm on top and, from the '# TRY NOT TO MODIFY' line on, a plumbing appendix that is
+    byte-identical in the three files (only the names and constants above the marker differ), so that a diff of two
+    scripts shows the algorithmic step only. The algorithm part stays within its line budget."""
+    parts = {script.name: split_at_marker(script) for script in ALGORITHM_SCRIPTS}
+    reference_name, (_, reference) = next(iter(parts.items()))
+    for name, (algorithm, plumbing) in parts.items():
+        assert len(algorithm) <= ALGORITHM_PART_BUDGET, \
+            f"{name}: {len(algorithm)} lines above the marker; the budget is {ALGORITHM_PART_BUDGET}"
+        if plumbing != reference:
+            first = next((i for i, (a, b) in enumerate(zip(plumbing, reference)) if a != b),
+                         min(len(plumbing), len(reference)))
+            pytest.fail(f"the plumbing of {name} differs from {reference_name}'s at its line {first + 1} after the "
+                        f"marker: {plumbing[first:first + 1]} vs {reference[first:first + 1]}")
+        # the plumbing is below every algorithmic definition: none of the names it defines is defined above it
+        above = {n.name for n in ast.parse("".join(algorithm)).body if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
+        below = {n.name for n in ast.parse("".join(plumbing)).body if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
+        assert above & below == set(), f"{name} defines {sorted(above & below)} on both sides of the marker"
+
+
 def test_lock_pins_every_package_the_install_pulls_in():
     """Walk the installed requirements of funcpg[test] transitively (markers evaluated on this machine): every package
     it pulls in, direct or not, is pinned in requirements.lock, so an install through the lock is the tested one."""

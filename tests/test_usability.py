@@ -1,0 +1,89 @@
+"""What users of the scripts tripped on: --resume given a run directory, resuming a finished run, --help through a
+closed pipe and under `python -m`, and adding a metric to the update (one edit, one new column)."""
+
+from __future__ import annotations
+
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import funcpg.actor_critic
+import funcpg.reinforce
+import funcpg.reinforce_baseline
+
+REPO = Path(__file__).resolve().parents[1]
+MODULES = {m.ALGORITHM: m for m in (funcpg.reinforce, funcpg.reinforce_baseline, funcpg.actor_critic)}
+TINY = ["--total-timesteps", "3000", "--eval-every", "1500", "--eval-episodes", "2", "--quiet"]
+
+
+def run(script: str, *flags, cwd: Path) -> subprocess.CompletedProcess:
+    r = subprocess.run([sys.executable, str(REPO / "funcpg" / f"{script}.py"), *map(str, flags)], cwd=cwd,
+                       capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0 and "Traceback" not in r.stderr, f"exit {r.returncode}\n{r.stdout}\n{r.stderr}"
+    return r
+
+
+def rows(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.mark.parametrize("script", list(MODULES))
+def test_resume_takes_the_run_directory_and_a_finished_run_logs_nothing_twice(tmp_path, script):
+    """--resume DIR continues the run in DIR (its checkpoint.pt). Resuming a finished run with its own budget adds
+    no row (the final evaluation is not repeated); with a larger budget it goes on from the checkpoint."""
+    run_dir = tmp_path / "run"
+    run(script, *TINY, "--run-dir", run_dir, cwd=tmp_path)
+    files = {name: (run_dir / name).read_bytes() for name in ("episodes.csv", "updates.csv", "eval.csv")}
+    assert len(rows(run_dir / "eval.csv")) >= 2
+    run(script, "--resume", run_dir, cwd=tmp_path)
+    assert {name: (run_dir / name).read_bytes() for name in files} == files, "resuming a finished run wrote rows"
+    run(script, "--resume", run_dir, "--total-timesteps", "6000", cwd=tmp_path)
+    evaluations = rows(run_dir / "eval.csv")
+    steps = [int(r["global_step"]) for r in evaluations]
+    assert steps == sorted(set(steps)) and steps[-1] >= 6000, steps  # each step evaluated once, the last at the end
+    updates = rows(run_dir / "updates.csv")
+    assert int(updates[-1]["global_step"]) >= 6000 and len(updates) > len(files["updates.csv"].splitlines()) - 1
+
+
+def test_help_through_a_closed_pipe_and_under_python_m(tmp_path):
+    """`--help | head -1` ends quietly (no BrokenPipeError), and `python -m funcpg.reinforce --help` names the program
+    as it was called."""
+    for reader in ("head -1", "true"):  # (without PYTHONUNBUFFERED: buffered output is what users have)
+        r = subprocess.run(f"{sys.executable} {REPO / 'funcpg' / 'actor_critic.py'} --help | {reader}", shell=True,
+                           cwd=tmp_path, capture_output=True, text=True, timeout=120, env={"PATH": "/usr/bin:/bin"})
+        assert "Traceback" not in r.stderr and "BrokenPipe" not in r.stderr, r.stderr
+        assert r.stdout.startswith("usage:") or reader == "true", r.stdout
+    r = subprocess.run([sys.executable, "-m", "funcpg.reinforce", "--help"], cwd=REPO, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.startswith("usage: python -m funcpg.reinforce "), r.stdout[:200]
+
+
+@pytest.mark.parametrize("script", list(MODULES))
+def test_a_new_metric_is_one_edit_and_a_new_column(tmp_path, monkeypatch, script):
+    """A metric added to the dict make_agent_update's step returns becomes a column of updates.csv (after the
+    standard ones), with one value per update: nothing else has to change."""
+    module = MODULES[script]
+    original = module.make_agent_update
+
+    def with_metric(args):
+        update = original(args)
+
+        def step(params, opt_state, norm, batch, hyper):
+            params, opt_state, norm, metrics = update(params, opt_state, norm, batch, hyper)
+            return params, opt_state, norm, {**metrics, "mean_reward": batch.rewards.mean()}
+
+        return step
+
+    monkeypatch.setattr(module, "make_agent_update", with_metric)
+    result = module.train(module.Args(total_timesteps=2000, eval_every=0, quiet=True, run_dir=str(tmp_path / "run")))
+    with open(tmp_path / "run" / "updates.csv", newline="") as f:
+        header = next(csv.reader(f))
+    assert header == ["seed", "global_step", "wall_time", "policy_loss", "value_loss", "entropy", "grad_norm", "sps",
+                      "mean_reward"]
+    values = [float(r["mean_reward"]) for r in rows(tmp_path / "run" / "updates.csv")]
+    assert values and all(v > 0 for v in values), values  # CartPole: reward 1 per step
+    assert result["global_step"][0] >= 2000
