@@ -116,11 +116,8 @@ def read_csv(path: str) -> list[dict]:
 
 def unused_path(path: str) -> str:
     """path, or path-2, path-3, ... if it exists (as the scripts name their run directories)."""
-    candidate, i = path, 1
-    while os.path.exists(candidate):
-        i += 1
-        candidate = f"{path}-{i}"
-    return candidate
+    names = (path if i == 1 else f"{path}-{i}" for i in range(1, sys.maxsize))
+    return next(name for name in names if not os.path.exists(name))
 
 
 # ----------------------------------------------------------------------------------------------------------------
