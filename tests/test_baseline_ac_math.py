@@ -5,7 +5,8 @@ textbook GAE(lambda) recursion, the env's own step outputs (recorded) for the ro
 state values are known in closed form for the truncation bootstrap, an nn.Module + torch.distributions
 implementation (.backward()) for the loss gradients, and torch.nn.utils.clip_grad_norm_ + torch.optim.Adam for
 the whole update; and, for many agents, the vmapped update (make_update) against each agent's own
-(make_agent_update). Small helpers are copied from tests/test_reinforce_math.py (nothing is imported from it).
+(make_agent_update). The nn.Module reference and the comparison with torch.optim.Adam are in
+tests/reference_models.py, shared with tests/test_reinforce_math.py.
 """
 
 from __future__ import annotations
@@ -16,41 +17,25 @@ import gymnasium as gym
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
-from torch import nn
-from torch.distributions import Categorical, Normal
 from torch.func import grad_and_value
 
-from conftest import (NumpyNormalizer, agent_batch, agent_hyper, check_vmapped_update, fresh_norm, grid_hyper, hyper_of,
-                      stack_batches)
 from funcpg import actor_critic as ac
 from funcpg import reinforce as rf
 from funcpg import reinforce_baseline as rb
+from helpers import HYPOTHESIS_SETTINGS as SETTINGS
+from helpers import (NumpyNormalizer, agent_batch, agent_hyper, check_vmapped_update, fresh_norm, grid_hyper, hyper_of,
+                     stack_batches)
 from layouts import next_step_layout
+from reference_models import (TIGHT, ReferenceAgent, assert_close_to_ref, compare_adam, opt_state_from,
+                              ref_normalize)
 
 torch.set_num_threads(1)
-
-# reproducible in CI, no .hypothesis database written
-SETTINGS = dict(deadline=None, derandomize=True, database=None, suppress_health_check=[HealthCheck.too_slow])
 
 # ----------------------------------------------------------------------------------------------------------------
 # Independent references
 # ----------------------------------------------------------------------------------------------------------------
-
-
-def assert_close_to_ref(actual: torch.Tensor, ref: np.ndarray, magnitude: np.ndarray, rtol=1e-5, atol=1e-6,
-                        mask: np.ndarray | None = None, what: str = ""):
-    """|actual - ref| <= atol + rtol * magnitude, elementwise (magnitude: the same sum with |terms|)."""
-    actual = actual.detach().double().numpy()
-    err = np.abs(actual - ref)
-    bound = atol + rtol * magnitude
-    if mask is not None:
-        err, bound = np.where(mask, err, 0.0), np.where(mask, bound, 1.0)
-    worst = np.unravel_index(np.argmax(err - bound), err.shape)
-    assert np.all(err <= bound), (
-        f"{what}: max excess at {worst}: got {actual[worst]!r}, reference {ref[worst]!r}, bound {bound[worst]!r}"
-    )
 
 
 def ref_gae(rewards, values, terminated, truncated, gamma: float, lam: float):
@@ -110,85 +95,6 @@ def a2c_layout(rng: np.random.Generator, T: int, N: int, p_end: float = 0.15):
             previous_done = term[t, n] or trunc[t, n]
     f = lambda x: x.astype(np.float32)  # noqa: E731
     return rewards, f(term), f(trunc), f(term | trunc), f(valid)
-
-
-def ref_normalize(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    v = x[valid.bool()].double()
-    return ((x.double() - v.mean()) / (v.std(unbiased=False) + 1e-8)).to(x.dtype)
-
-
-class ReferenceAgent(nn.Module):
-    """nn.Sequential networks and torch.distributions, weights copied from a script's params dict.
-
-    Layout: optional shared trunk "trunk.{i}" (Linear + Tanh each), policy head "pi.{i}" and value head
-    "v.{i}" (Linear, Tanh, ..., Linear), and "pi.log_std" for a diagonal Gaussian policy.
-    """
-
-    def __init__(self, params: dict[str, torch.Tensor]):
-        super().__init__()
-
-        def linears(prefix):
-            layers, i = [], 0
-            while f"{prefix}.{i}.weight" in params:
-                w, b = params[f"{prefix}.{i}.weight"], params[f"{prefix}.{i}.bias"]
-                linear = nn.Linear(w.shape[1], w.shape[0], dtype=w.dtype)
-                with torch.no_grad():
-                    linear.weight.copy_(w)
-                    linear.bias.copy_(b)
-                layers.append(linear)
-                i += 1
-            return layers
-
-        def sequential(layers, tanh_after_last):
-            modules = []
-            for j, layer in enumerate(layers):
-                modules.append(layer)
-                if tanh_after_last or j < len(layers) - 1:
-                    modules.append(nn.Tanh())
-            return nn.Sequential(*modules)
-
-        self.trunk = sequential(linears("trunk"), True)  # empty Sequential = identity
-        self.pi = sequential(linears("pi"), False)
-        self.has_critic = "v.0.weight" in params
-        if self.has_critic:
-            self.v = sequential(linears("v"), False)
-        self.continuous = "pi.log_std" in params
-        if self.continuous:
-            self.log_std = nn.Parameter(params["pi.log_std"].clone())
-
-    def named(self) -> dict[str, nn.Parameter]:
-        """The parameters under the script's key names."""
-        out = {}
-        for prefix in ("trunk", "pi", "v"):
-            if hasattr(self, prefix):
-                for i, layer in enumerate(m for m in getattr(self, prefix) if isinstance(m, nn.Linear)):
-                    out[f"{prefix}.{i}.weight"], out[f"{prefix}.{i}.bias"] = layer.weight, layer.bias
-        if self.continuous:
-            out["pi.log_std"] = self.log_std
-        return out
-
-    def value(self, obs):
-        return self.v(self.trunk(obs)).squeeze(-1)
-
-    def loss(self, obs, actions, valid, returns, advantages, ent_coef, vf_coef=1.0):
-        """(loss, pg_loss, value_loss, entropy) over the valid steps; obs [T(+1), N, obs_dim], rest [T, N]."""
-        T = actions.shape[0]
-        obs = obs[:T]
-        out = self.pi(self.trunk(obs))
-        if self.continuous:
-            dist = Normal(out, self.log_std.exp())
-            logp, ent = dist.log_prob(actions).sum(-1), dist.entropy().sum(-1)
-        else:
-            dist = Categorical(logits=out)
-            logp, ent = dist.log_prob(actions.long()), dist.entropy()
-        mask = valid.bool()
-        pg_loss = -(logp[mask] * advantages[mask]).mean()
-        entropy = ent[mask].mean()
-        if self.has_critic:
-            value_loss = (self.value(obs)[mask] - returns[mask]).square().mean()
-        else:
-            value_loss = torch.zeros((), dtype=pg_loss.dtype)
-        return pg_loss + vf_coef * value_loss - ent_coef * entropy, pg_loss, value_loss, entropy
 
 
 OBS_DIM, ACT_DIM, HIDDEN = 5, 3, (16, 12)
@@ -941,28 +847,6 @@ def ref_rb_returns(rewards, episodes, gamma, return_type, final_values=None):
     return out
 
 
-TIGHT = dict(rtol=1e-10, atol=1e-13)
-
-
-def compare_adam(i, opt_state, params, old, optimizers_by_key, max_rel, step_rtol=3e-7):
-    """exp_avg / exp_avg_sq against torch.optim.Adam's state, and the parameter step (adam_step rounds its
-    bias-corrected step size to float32: a relative ~1e-7 of each step)."""
-    for k, (opt, p) in optimizers_by_key.items():
-        msg = lambda m: f"update {i}, {k}: {m}"  # noqa: E731
-        torch.testing.assert_close(opt_state["exp_avg"][k], opt.state[p]["exp_avg"], **TIGHT, msg=msg)
-        torch.testing.assert_close(opt_state["exp_avg_sq"][k], opt.state[p]["exp_avg_sq"], **TIGHT, msg=msg)
-        step, ref_step = params[k] - old[k], p.detach() - old[k]
-        torch.testing.assert_close(step, ref_step, rtol=step_rtol, atol=1e-12, msg=msg)
-        max_rel = max(max_rel, ((step - ref_step).abs() / ref_step.abs().clamp(min=1e-12)).max().item())
-    return max_rel
-
-
-def opt_state_from(optimizers_by_key, i):
-    return {"step": torch.tensor(float(i), dtype=torch.float64),
-            "exp_avg": {k: opt.state[p]["exp_avg"].clone() for k, (opt, p) in optimizers_by_key.items()},
-            "exp_avg_sq": {k: opt.state[p]["exp_avg_sq"].clone() for k, (opt, p) in optimizers_by_key.items()}}
-
-
 @pytest.mark.parametrize("continuous", [False, True])
 @pytest.mark.parametrize("baseline", ["value", "batch-mean"])
 @pytest.mark.parametrize("return_type, normalize",
@@ -1121,7 +1005,7 @@ AC_COMPILE_ARGS = dict(gamma=0.99, gae_lambda=0.95, normalize_advantages=True, v
 
 @pytest.mark.slow
 def test_ac_compiled_update_matches_eager(compiled_vs_eager):
-    """Two updates of two agents, compiled vs eager, CartPole-sized (see tests/conftest.py for what is compared
+    """Two updates of two agents, compiled vs eager, CartPole-sized (see check_compiled_update in tests/helpers.py for what is compared
     and why)."""
     args = ac.Args(compile=False, **AC_COMPILE_ARGS)
     compiled = ac.make_update(ac.Args(compile=True, **AC_COMPILE_ARGS))

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from funcpg import compare, sb3_reference
+from helpers import read_rows
 
 REPO = Path(__file__).resolve().parents[1]
 COMPARE = REPO / "funcpg" / "compare.py"
@@ -30,11 +31,6 @@ needs_sb3 = pytest.mark.skipif(importlib.util.find_spec("stable_baselines3") is 
 def run_compare(args: list[str], cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(COMPARE), *args], cwd=cwd, capture_output=True, text=True,
                           env={**os.environ, **(env or {})}, timeout=600)
-
-
-def read_rows(path: Path) -> list[dict]:
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
 
 
 def png_size(path: Path) -> tuple[int, int]:

@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch._dynamo
 
-SCRIPTS = ["reinforce", "reinforce_baseline", "actor_critic"]
+from cli_helpers import SCRIPTS
 
 
 @pytest.mark.slow

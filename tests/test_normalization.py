@@ -16,20 +16,16 @@ compiled update tests there.)
 
 from __future__ import annotations
 
-import importlib
-
 import numpy as np
 import pytest
 import torch
-from test_cli import (AC, EXACT_RESUME, SCRIPTS, assert_ok, load_checkpoint, load_raw_checkpoint, read_csv,
-                      run_script, without)
+
+from cli_helpers import (AC, EXACT_RESUME, SCRIPTS, assert_ok, load_checkpoint, load_raw_checkpoint, module_of, read_csv,
+                         run_script, without)
+from helpers import flatten
 
 torch.set_num_threads(1)
 CPU = torch.device("cpu")
-
-
-def module_of(script: str):
-    return importlib.import_module(f"funcpg.{script}")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -152,12 +148,6 @@ def test_evaluations_change_nothing_a_run_learns_from(tmp_path, script):
         for k in flat_a:
             assert torch.equal(flat_a[k], flat_b[k]), (part, k)
     assert ckpt_a["norm"]["obs"]["count"].item() > 0
-
-
-def flatten(tree, prefix: str = "") -> dict:
-    if isinstance(tree, dict):
-        return {k2: v2 for k, v in tree.items() for k2, v2 in flatten(v, f"{prefix}{k}/").items()}
-    return {prefix.rstrip("/"): tree}
 
 
 # ----------------------------------------------------------------------------------------------------------------

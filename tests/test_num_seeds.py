@@ -12,21 +12,17 @@ What must hold:
 
 from __future__ import annotations
 
-import importlib
 import math
 from collections import Counter, defaultdict
 
 import numpy as np
 import pytest
 import torch
-from conftest import agent_hyper, flatten, stacked_norm
-from test_cli import load_raw_checkpoint as load_checkpoint
-from test_cli import (AC, CRITIC, EXACT_RESUME, RB, SCRIPTS, R, assert_ok, describe, read_config,
-                      read_csv, run_script, without)
 
-
-def module_of(script: str):
-    return importlib.import_module(f"funcpg.{script}")
+from cli_helpers import load_raw_checkpoint as load_checkpoint
+from cli_helpers import (AC, CRITIC, EXACT_RESUME, RB, SCRIPTS, R, assert_ok, describe, module_of, read_config, read_csv,
+                         run_script, without)
+from helpers import agent_hyper, flatten, stacked_norm
 
 
 def per_seed(rows: list[dict], key: str = "seed") -> dict[str, list[dict]]:
@@ -264,7 +260,7 @@ def test_k_seed_run_resumes_exactly(tmp_path, script):
     """Each agent's CSV rows are trimmed to its own step in the checkpoint, and the continuation is the
     uninterrupted run's: the half run's agents stopped at their own budget (each at a different update), and
     extended by --resume they go on as if they never had (their envs, env seeds and noise are their own). With a
-    constant learning rate: --anneal-lr's schedule spans the budget (tests/test_cli.py tests it on its own)."""
+    constant learning rate: --anneal-lr's schedule spans the budget (tests/test_cli_flags.py tests it on its own)."""
     common = ["--num-seeds", 2, "--eval-every", 2000, "--eval-episodes", 2, "--quiet", "--no-anneal-lr"]
     assert_ok(run_script(script, *common, "--total-timesteps", 6000, "--run-dir", "straight", cwd=tmp_path))
     _, straight_updates = read_csv(tmp_path / "straight" / "updates.csv")

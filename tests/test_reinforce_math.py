@@ -2,9 +2,10 @@
 
 Every function under test is compared with something written separately here: plain float64 loops for the
 return scans, torch.optim.Adam / torch.nn.utils.clip_grad_norm_ for the optimizer, an nn.Sequential +
-torch.distributions implementation for the loss gradient, and the exact policy gradient of a small MDP
-(enumerated trajectories) for the Monte-Carlo estimator that the rollout + loss produce; for many agents, the
-vmapped update (make_update) against each agent's own (make_agent_update).
+torch.distributions implementation for the loss gradient (ReferencePolicy, in tests/reference_models.py, shared
+with tests/test_baseline_ac_math.py), and the exact policy gradient of a small MDP (enumerated trajectories) for
+the Monte-Carlo estimator that the rollout + loss produce; for many agents, the vmapped update (make_update)
+against each agent's own (make_agent_update).
 """
 
 from __future__ import annotations
@@ -15,21 +16,20 @@ import gymnasium as gym
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
-from torch.distributions import Categorical, Normal
 from torch.func import grad_and_value
 
-from conftest import (NumpyNormalizer, agent_batch, agent_hyper, check_vmapped_update, fresh_norm, grid_hyper, hyper_of,
-                      stack_batches)
 from funcpg import reinforce as rf
+from helpers import HYPOTHESIS_SETTINGS as SETTINGS
+from helpers import (NumpyNormalizer, agent_batch, agent_hyper, check_vmapped_update, fresh_norm, grid_hyper, hyper_of,
+                     stack_batches)
 from layouts import next_step_layout
+from reference_models import (TIGHT, ReferencePolicy, assert_close_to_ref, compare_adam, opt_state_from,
+                              ref_normalize)
 
 torch.set_num_threads(1)
-
-# reproducible in CI, no .hypothesis database written
-SETTINGS = dict(deadline=None, derandomize=True, database=None, suppress_health_check=[HealthCheck.too_slow])
 
 # ----------------------------------------------------------------------------------------------------------------
 # Independent references
@@ -47,17 +47,6 @@ def ref_scan(x: np.ndarray, a: np.ndarray, init: np.ndarray) -> np.ndarray:
             acc = float(x[t, b]) + float(a[t, b]) * acc
             y[t, b] = acc
     return y
-
-
-def assert_close_to_ref(actual: torch.Tensor, ref: np.ndarray, magnitude: np.ndarray, rtol=1e-5, atol=1e-6):
-    """|actual - ref| <= atol + rtol * magnitude, elementwise (magnitude: the same sum with |terms|)."""
-    actual = actual.detach().double().numpy()
-    err = np.abs(actual - ref)
-    bound = atol + rtol * magnitude
-    worst = np.unravel_index(np.argmax(err - bound), err.shape)
-    assert np.all(err <= bound), (
-        f"max excess at {worst}: got {actual[worst]!r}, reference {ref[worst]!r}, bound {bound[worst]!r}"
-    )
 
 
 def ref_returns(rewards: np.ndarray, episodes, gamma: float, return_type: str) -> tuple[np.ndarray, np.ndarray]:
@@ -349,53 +338,6 @@ def test_clip_grad_norm_matches_torch(max_norm, scale):
 OBS_DIM, ACT_DIM, HIDDEN = 5, 3, (16, 12)
 
 
-class ReferencePolicy(nn.Module):
-    """nn.Sequential(Linear, Tanh, Linear, Tanh, Linear) [+ log_std], weights copied from a params dict."""
-
-    def __init__(self, params: dict[str, torch.Tensor]):
-        super().__init__()
-        n_layers = sum(1 for k in params if k.endswith(".weight"))
-        layers = []
-        for i in range(n_layers):
-            w, b = params[f"pi.{i}.weight"], params[f"pi.{i}.bias"]
-            linear = nn.Linear(w.shape[1], w.shape[0], dtype=w.dtype)
-            with torch.no_grad():
-                linear.weight.copy_(w)
-                linear.bias.copy_(b)
-            layers += [linear, nn.Tanh()] if i < n_layers - 1 else [linear]
-        self.net = nn.Sequential(*layers)
-        self.continuous = "pi.log_std" in params
-        if self.continuous:
-            self.log_std = nn.Parameter(params["pi.log_std"].clone())
-
-    def named(self) -> dict[str, nn.Parameter]:
-        """The parameters under the script's key names."""
-        out = {}
-        for i, layer in enumerate(m for m in self.net if isinstance(m, nn.Linear)):
-            out[f"pi.{i}.weight"], out[f"pi.{i}.bias"] = layer.weight, layer.bias
-        if self.continuous:
-            out["pi.log_std"] = self.log_std
-        return out
-
-    def loss(self, obs, actions, valid, returns, ent_coef):
-        out = self.net(obs)
-        if self.continuous:
-            dist = Normal(out, self.log_std.exp())
-            logp, ent = dist.log_prob(actions).sum(-1), dist.entropy().sum(-1)
-        else:
-            dist = Categorical(logits=out)
-            logp, ent = dist.log_prob(actions.long()), dist.entropy()
-        mask = valid.bool()
-        pg_loss = -(logp[mask] * returns[mask]).mean()
-        entropy = ent[mask].mean()
-        return pg_loss - ent_coef * entropy, pg_loss, entropy
-
-
-def ref_normalize(returns: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    v = returns[valid.bool()].double()
-    return ((returns.double() - v.mean()) / (v.std(unbiased=False) + 1e-8)).to(returns.dtype)
-
-
 def random_batch(seed: int, T: int, N: int, continuous: bool, obs_dim=OBS_DIM, act_dim=ACT_DIM, max_len=12):
     rng = np.random.default_rng(seed)
     rewards, dones, _, valid, episodes = next_step_layout(rng, T, N, max_len)
@@ -465,6 +407,7 @@ def test_make_update_matches_torch_pipeline(continuous, return_type, normalize_r
     ref = ReferencePolicy({k: v.double() for k, v in make_params(3, continuous).items()})
     ref_params = ref.named()
     opt = torch.optim.Adam(list(ref_params.values()), lr=args.learning_rate[0])
+    by_key = {k: (opt, p) for k, p in ref_params.items()}
 
     # several updates on different batches: Adam's first step is nearly invariant to the gradient's scale, so
     # the clipping factor is checked through exp_avg (= (1 - beta1) * clipped gradient after step 1)
@@ -473,12 +416,7 @@ def test_make_update_matches_torch_pipeline(continuous, return_type, normalize_r
         batch, episodes = random_batch(10 + i, 50, 4, continuous)
         batch = rf.Batch(*(x.double() for x in batch))
         old = {k: p.detach().clone() for k, p in ref_params.items()}
-        if i == 0:
-            opt_state = rf.adam_init(old)
-        else:
-            opt_state = {"step": torch.tensor(float(i), dtype=torch.float64),
-                         "exp_avg": {k: opt.state[p]["exp_avg"].clone() for k, p in ref_params.items()},
-                         "exp_avg_sq": {k: opt.state[p]["exp_avg_sq"].clone() for k, p in ref_params.items()}}
+        opt_state = rf.adam_init(old) if i == 0 else opt_state_from(by_key, i)
         norm = fresh_norm(rf, old, batch) if i == 0 else norm
         params, opt_state, norm, metrics = update(old, opt_state, norm, batch, hyper)
         assert all(v.dtype == torch.float64 for v in params.values())
@@ -495,19 +433,13 @@ def test_make_update_matches_torch_pipeline(continuous, return_type, normalize_r
         clipped_any |= bool(total_norm > max_grad_norm)
         opt.step()
 
-        tight = dict(rtol=1e-10, atol=1e-13)
-        torch.testing.assert_close(metrics["policy_loss"], pg_loss.detach(), **tight)
-        torch.testing.assert_close(metrics["entropy"], entropy.detach(), **tight)
-        torch.testing.assert_close(metrics["grad_norm"], total_norm, **tight)
+        torch.testing.assert_close(metrics["policy_loss"], pg_loss.detach(), **TIGHT)
+        torch.testing.assert_close(metrics["entropy"], entropy.detach(), **TIGHT)
+        torch.testing.assert_close(metrics["grad_norm"], total_norm, **TIGHT)
         assert float(opt_state["step"]) == i + 1
-        for k, p in ref_params.items():
-            msg = lambda m: f"update {i}, {k}: {m}"  # noqa: E731
-            torch.testing.assert_close(opt_state["exp_avg"][k], opt.state[p]["exp_avg"], **tight, msg=msg)
-            torch.testing.assert_close(opt_state["exp_avg_sq"][k], opt.state[p]["exp_avg_sq"], **tight, msg=msg)
-            # adam_step rounds its bias-corrected step size to float32: a relative ~1e-7 of each step
-            step, ref_step = params[k] - old[k], p.detach() - old[k]
-            torch.testing.assert_close(step, ref_step, rtol=3e-7, atol=1e-12, msg=msg)
-            max_rel = max(max_rel, ((step - ref_step).abs() / ref_step.abs().clamp(min=1e-12)).max().item())
+        # exp_avg, exp_avg_sq and the parameter step against torch.optim.Adam (adam_step rounds its bias-corrected
+        # step size to float32: a relative ~1e-7 of each step)
+        max_rel = compare_adam(i, opt_state, params, old, by_key, max_rel)
     assert clipped_any == (max_grad_norm < math.inf)
     print(f"make_update vs torch pipeline (float64): max relative deviation of the Adam steps = {max_rel:.3g}")
 
@@ -528,7 +460,8 @@ def compiled_update():
 
 @pytest.mark.slow
 def test_compiled_update_matches_eager(compiled_update, compiled_vs_eager):
-    """Two updates of two agents, compiled vs eager (see tests/conftest.py for what is compared and why)."""
+    """Two updates of two agents, compiled vs eager (see check_compiled_update in tests/helpers.py for what is
+    compared and why)."""
     args = rf.Args(compile=False, **COMPILE_ARGS)
     eager = rf.make_update(args)
     params = [make_params(4 + a, False, obs_dim=4, act_dim=2, hidden=(64, 64)) for a in range(2)]

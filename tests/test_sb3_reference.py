@@ -8,7 +8,6 @@ are skipped without it. The test of the message for a missing stable-baselines3 
 
 from __future__ import annotations
 
-import csv
 import importlib.util
 import json
 import os
@@ -20,6 +19,7 @@ import numpy as np
 import pytest
 
 from funcpg import benchmark, compare, sb3_reference
+from helpers import read_rows
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "funcpg" / "sb3_reference.py"
@@ -27,11 +27,6 @@ HAS_SB3 = importlib.util.find_spec("stable_baselines3") is not None
 needs_sb3 = pytest.mark.skipif(not HAS_SB3, reason="needs stable-baselines3 (pip install 'funcpg[bench]')")
 needs_box2d = pytest.mark.skipif(importlib.util.find_spec("Box2D") is None,
                                  reason="LunarLander needs box2d (pip install 'gymnasium[box2d]')")
-
-
-def read_rows(path: Path) -> list[dict]:
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
 
 
 # ----------------------------------------------------------------------------------------------------------------

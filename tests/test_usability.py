@@ -13,6 +13,8 @@ import pytest
 import funcpg.actor_critic
 import funcpg.reinforce
 import funcpg.reinforce_baseline
+from cli_helpers import assert_ok, run_script
+from helpers import read_rows
 
 REPO = Path(__file__).resolve().parents[1]
 MODULES = {m.ALGORITHM: m for m in (funcpg.reinforce, funcpg.reinforce_baseline, funcpg.actor_critic)}
@@ -20,15 +22,10 @@ TINY = ["--total-timesteps", "3000", "--eval-every", "1500", "--eval-episodes", 
 
 
 def run(script: str, *flags, cwd: Path) -> subprocess.CompletedProcess:
-    r = subprocess.run([sys.executable, str(REPO / "funcpg" / f"{script}.py"), *map(str, flags)], cwd=cwd,
-                       capture_output=True, text=True, timeout=180)
-    assert r.returncode == 0 and "Traceback" not in r.stderr, f"exit {r.returncode}\n{r.stdout}\n{r.stderr}"
+    """Run funcpg/{script}.py with flags; it must succeed without a traceback."""
+    r = run_script(script, *flags, cwd=cwd)
+    assert_ok(r)
     return r
-
-
-def rows(path: Path) -> list[dict]:
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
 
 
 @pytest.mark.parametrize("script", list(MODULES))
@@ -38,14 +35,14 @@ def test_resume_takes_the_run_directory_and_a_finished_run_logs_nothing_twice(tm
     run_dir = tmp_path / "run"
     run(script, *TINY, "--run-dir", run_dir, cwd=tmp_path)
     files = {name: (run_dir / name).read_bytes() for name in ("episodes.csv", "updates.csv", "eval.csv")}
-    assert len(rows(run_dir / "eval.csv")) >= 2
+    assert len(read_rows(run_dir / "eval.csv")) >= 2
     run(script, "--resume", run_dir, cwd=tmp_path)
     assert {name: (run_dir / name).read_bytes() for name in files} == files, "resuming a finished run wrote rows"
     run(script, "--resume", run_dir, "--total-timesteps", "6000", cwd=tmp_path)
-    evaluations = rows(run_dir / "eval.csv")
+    evaluations = read_rows(run_dir / "eval.csv")
     steps = [int(r["global_step"]) for r in evaluations]
     assert steps == sorted(set(steps)) and steps[-1] >= 6000, steps  # each step evaluated once, the last at the end
-    updates = rows(run_dir / "updates.csv")
+    updates = read_rows(run_dir / "updates.csv")
     assert int(updates[-1]["global_step"]) >= 6000 and len(updates) > len(files["updates.csv"].splitlines()) - 1
 
 
@@ -84,6 +81,6 @@ def test_a_new_metric_is_one_edit_and_a_new_column(tmp_path, monkeypatch, script
         header = next(csv.reader(f))
     assert header == ["seed", "global_step", "wall_time", "policy_loss", "value_loss", "entropy", "grad_norm", "sps",
                       "mean_reward"]
-    values = [float(r["mean_reward"]) for r in rows(tmp_path / "run" / "updates.csv")]
+    values = [float(r["mean_reward"]) for r in read_rows(tmp_path / "run" / "updates.csv")]
     assert values and all(v > 0 for v in values), values  # CartPole: reward 1 per step
     assert result["global_step"][0] >= 2000
