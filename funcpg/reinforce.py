@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import dataclasses
+import fcntl
 import importlib
 import io
 import json
@@ -29,6 +30,7 @@ import os
 import re
 import signal
 import sys
+import tempfile
 import threading
 import time
 import warnings
@@ -272,8 +274,7 @@ def make_agent_update(args: Args):
             params, batch, returns, hyper["ent_coef"])
         grads, grad_norm = clip_grad_norm(grads, args.max_grad_norm)
         params, opt_state = adam_step(params, grads, opt_state, hyper["learning_rate"])
-        finite = torch.stack([torch.isfinite(loss), torch.isfinite(grad_norm)]
-                             + [torch.isfinite(p).all() for p in params.values()]).all()
+        finite = torch.stack([torch.isfinite(x).all() for x in (loss, grad_norm, *params.values())]).all()
         return params, opt_state, norm, {"policy_loss": pg_loss, "entropy": entropy, "grad_norm": grad_norm,
                                          "finite": finite}
 
@@ -647,9 +648,34 @@ def load_checkpoint(path: str, device: torch.device = torch.device("cpu")) -> di
 
 
 def save_checkpoint(path: str, checkpoint: dict) -> None:
-    """Write atomically: a crash mid-write leaves the previous checkpoint intact."""
-    torch.save(checkpoint, path + ".tmp")
-    os.replace(path + ".tmp", path)
+    """Write atomically to a temp file created afresh (never through a planted link), then rename it: a crash
+    mid-write leaves the previous checkpoint intact and no temp file behind."""
+    fd, tmp = tempfile.mkstemp(prefix=".checkpoint-", dir=os.path.dirname(path))
+    try:
+        os.fchmod(fd, 0o644)  # as a plain file would be (mkstemp makes it private)
+        with os.fdopen(fd, "wb") as f:
+            torch.save(checkpoint, f)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+class RunDirInUse(ValueError):
+    pass
+
+
+def lock_run_dir(path: str) -> int:
+    """An OS lock (flock) on the run directory, held for the run's life and released by any exit, kill -9 too;
+    RunDirInUse if another process holds it. Returns the descriptor that holds it."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise RunDirInUse(f"run directory {path!r} is in use: another process holds its lock (a run is training "
+                          f"there); wait for it to end, or choose another --run-dir") from None
+    return fd
 
 
 class Run:
@@ -681,6 +707,7 @@ class Run:
         stamp = f"{args.env_id.replace('/', '-').replace(':', '-')}__{args.exp_name}__{args.seed}__{int(time.time())}"
         self.run_dir = args.run_dir or c.get("run_dir") or unused_path(os.path.join("runs", stamp))
         os.makedirs(self.run_dir, exist_ok=True)
+        self.lock = lock_run_dir(self.run_dir)  # before anything is written there
         self.args_dict, self.path = dataclasses.asdict(args), os.path.join(self.run_dir, "checkpoint.pt")
         with open(os.path.join(self.run_dir, "config.json"), "w") as f:
             json.dump({**self.args_dict, "algorithm": ALGORITHM, "run_dir": self.run_dir, "agents": self.agents,
@@ -839,6 +866,8 @@ class Run:
         if kind is KeyboardInterrupt:
             self.interrupted = True
             save_checkpoint(self.path, self.last_good)
+        if kind is not None and kind is not KeyboardInterrupt:
+            os.close(self.lock)  # the run stops here: let the user resume it from this process too
         return kind is KeyboardInterrupt
 
     def result(self) -> dict:
@@ -854,6 +883,7 @@ class Run:
             f.close()
         for tb in self.tb:
             tb.close()
+        os.close(self.lock)
         good = self.last_good
         return {"agents": self.agents, "episodes": self.episodes, "evaluations": self.evaluations,
                 "params": [agent_slice(good["params"], i) for i in range(len(self.agents))], "run_dir": self.run_dir,
@@ -873,9 +903,10 @@ def unused_path(path: str) -> str:
 def check_args(args: Args, **bounds: str) -> None:
     """Args.__post_init__: ValueError naming the flag, its value and what is allowed, for a value out of bounds
     (those of the common flags below, and the script's own, e.g. gae_lambda="[0, 1]")."""
-    ints = dict.fromkeys(("num_seeds", "num_envs", "num_steps", "total_timesteps", "eval_episodes", "num_threads",
-                          "hidden_sizes"), "[1, inf)")
-    bounds = {**ints, "save_every": "[0, inf)", "eval_every": "[0, inf)", "gamma": "[0, 1]",
+    ints = dict.fromkeys(("num_seeds", "num_envs", "num_steps", "total_timesteps", "eval_episodes", "hidden_sizes"),
+                         "[1, inf)")  # (validate bounds what they allocate)
+    bounds = {**ints, "save_every": f"[0, {2**62}]", "eval_every": f"[0, {2**62}]", "gamma": "[0, 1]",
+              "total_timesteps": f"[1, {2**62}]", "num_threads": f"[1, {4 * (os.cpu_count() or 1)}]",
               "learning_rate": "(0, inf)", "ent_coef": "[0, inf)", "max_grad_norm": "(0, inf]",
               "eval_temperature": "[0, inf)", "seed": f"[0, {2**32 - max(args.num_seeds, 1)}]", **bounds}
     words = {"[1, inf)": "a positive integer", "(0, inf)": "a positive number", "[0, inf)": "a number >= 0"}
@@ -923,6 +954,18 @@ def validate(args: Args) -> None:
                          f"allowed: a registered gymnasium id such as CartPole-v1, or module:EnvId") from None
     check_env(args.env_id, envs)
     envs.close()
+    space, obs_dim, agents = envs.single_action_space, envs.single_observation_space.shape[0], len(agent_grid(args))
+    sizes = [obs_dim, *args.hidden_sizes, space.shape[0] if isinstance(space, gym.spaces.Box) else int(space.n)]
+    weights = sum(a * b + b for a, b in zip(sizes[:-1], sizes[1:]))  # of one network: params, Adam, gradients x 2
+    need = 4 * agents * (10 * weights + args.num_envs * (args.num_steps + envs.spec.max_episode_steps)
+                         * (2 * sizes[0] + 3 * sizes[-1] + 8))
+    have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if need > have / 2 or agents * max(args.num_envs, args.eval_episodes) > 10**5:
+        raise ValueError(f"--num-envs {args.num_envs} --num-steps {args.num_steps} --eval-episodes {args.eval_episodes}"
+                         f" {flag_text('hidden_sizes', args.hidden_sizes)} for {agents} agent(s): about "
+                         f"{need / 2**30:.1f} GiB of buffers and parameters (allowed: half this machine's "
+                         f"{have / 2**30:.0f} GiB) and {agents * max(args.num_envs, args.eval_episodes)} envs "
+                         f"(allowed: 100000)")
     checkpoint = load_checkpoint(args.resume) if args.resume else None
     if checkpoint:
         saved, agents = checkpoint["args"], agent_grid(args)
@@ -945,10 +988,13 @@ def validate(args: Args) -> None:
                              f"checkpoint's agents are {checkpoint['agents']}")
     if args.run_dir and os.path.exists(args.run_dir) and not os.path.isdir(args.run_dir):
         raise ValueError(f"--run-dir {args.run_dir!r} is a file; allowed: a directory (new, or a run to --resume)")
-    if args.run_dir and os.path.exists(os.path.join(args.run_dir, "episodes.csv")) and not (
-            checkpoint and os.path.samefile(args.run_dir, checkpoint["run_dir"])):
+    run_dir = args.run_dir or (checkpoint and checkpoint["run_dir"])
+    if args.run_dir and any(os.path.exists(os.path.join(args.run_dir, f)) for f in ("episodes.csv", "checkpoint.pt")) \
+            and not (checkpoint and os.path.samefile(args.run_dir, checkpoint["run_dir"])):
         raise ValueError(f"--run-dir {args.run_dir!r} already holds a run; choose a new directory or "
                          f"--resume {args.run_dir}")
+    if run_dir and os.path.isdir(run_dir):
+        os.close(lock_run_dir(run_dir))
     for flag, module in [("--tensorboard", "tensorboard"), ("--capture-video", "moviepy")]:
         try:
             getattr(args, flag[2:].replace("-", "_")) and importlib.import_module(module)
@@ -1020,6 +1066,9 @@ def command_line() -> Args:
     try:
         if args.resume:
             saved = load_checkpoint(args.resume)["args"]
+            if ":" in str(saved.get("env_id")) and saved["env_id"] != args.env_id:  # import only what the user typed
+                raise ValueError(f"--resume {args.resume!r}: the checkpoint's env {saved['env_id']!r} imports a "
+                                 f"module; allowed: repeat --env-id {saved['env_id']} on the command line to run it")
             fields = {f.name for f in dataclasses.fields(Args)}
             defaults = Args(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items() if k in fields})
             args = parse_args(default=dataclasses.replace(defaults, resume=args.resume, run_dir=None))
@@ -1039,6 +1088,9 @@ def run_command_line(train) -> None:
     args = command_line()
     try:
         result = train(args)
+    except RunDirInUse as e:  # another process took the directory since validate looked
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     except NonFiniteLoss as e:
         print("\n" * sys.stdout.isatty(), end="")  # end the progress line
         print(f"error: {e}", file=sys.stderr)
