@@ -27,12 +27,16 @@ def one_error_line(r: subprocess.CompletedProcess, *needles: str) -> None:
         assert needle in lines[0], lines[0]
 
 
-def wait_for_rows(path: Path, proc: subprocess.Popen, rows: int = 3, timeout: float = 120) -> None:
+def wait_for(condition, proc: subprocess.Popen, timeout: float = 120) -> None:
     start = time.time()
-    while not (path.exists() and len(path.read_text().splitlines()) > rows):
+    while not condition():
         assert proc.poll() is None, f"the run ended early: {proc.communicate()}"
-        assert time.time() - start < timeout, "the run logged no rows"
+        assert time.time() - start < timeout, "the run did not get there"
         time.sleep(0.2)
+
+
+def wait_for_rows(path: Path, proc: subprocess.Popen, rows: int = 3) -> None:
+    wait_for(lambda: path.exists() and len(path.read_text().splitlines()) > rows, proc)
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
@@ -45,7 +49,7 @@ def test_a_second_process_on_a_live_run_directory_is_refused_and_kill_9_leaves_n
                             stderr=subprocess.PIPE, text=True)
     try:
         wait_for_rows(run_dir / "updates.csv", proc)
-        assert (run_dir / "checkpoint.pt").exists()
+        wait_for(lambda: (run_dir / "checkpoint.pt").exists(), proc)  # the first --save-every boundary
         for flags in (["--resume", run_dir], ["--resume", run_dir / "checkpoint.pt", "--total-timesteps", 10**9]):
             r = subprocess.run(command(script, *flags, "--quiet"), cwd=tmp_path, capture_output=True, text=True,
                                timeout=120)
