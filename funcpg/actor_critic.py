@@ -776,11 +776,10 @@ class Run:
             self.writers[name] = csv.DictWriter(f, header, restval="", extrasaction="ignore")
         row = {**self.tags[agent], "global_step": step, **values}
         self.writers[name].writerow({k: f"{v:.6g}" if isinstance(v, float) else v for k, v in row.items()})
-        tags = {"episodes.csv": {k: f"charts/{k}" for k in ("episodic_return", "episodic_length")},
-                "eval.csv": {"mean_return": "eval/mean_return"}}.get(name)
-        for k, tag in (tags or {k: "charts/SPS" if k == "sps" else f"losses/{k}" for k in values if k != "wall_time"}
-                       ).items() if self.tb else ():
-            self.tb[agent].add_scalar(tag, values[k], step)
+        for k, v in values.items() if self.tb else ():  # CleanRL's tags
+            tag = {"episodic_return": "charts/", "episodic_length": "charts/", "mean_return": "eval/"}.get(k, "losses/")
+            if k not in ("wall_time", "std_return", "episodes"):
+                self.tb[agent].add_scalar("charts/SPS" if k == "sps" else tag + k, v, step)
 
     def snapshot(self) -> dict:
         """What checkpoint.pt holds: the state, counters, RNG states, and the sizes of the CSV files (flushed) that
