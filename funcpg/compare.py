@@ -706,6 +706,18 @@ def parse_cli(argv: Optional[list[str]] = None) -> CompareArgs:
     return tools_common.parse_cli(CompareArgs, __doc__.split("\n\n")[0], argv)
 
 
+def controlled_flag(token: str) -> Optional[str]:
+    """The flag of CONTROLLED_FLAGS that a command-line token sets, in any spelling the scripts' parser (tyro)
+    accepts: --total-timesteps, --total_timesteps, --total_timesteps=3000, and a boolean's --no-quiet; else None."""
+    if not token.startswith("--"):
+        return None
+    name = "--" + token.split("=")[0][2:].replace("_", "-")
+    for flag in (name, "--" + name.removeprefix("--no-")):
+        if flag in CONTROLLED_FLAGS:
+            return flag
+    return None
+
+
 def algo_flags(args: CompareArgs) -> dict[str, list[str]]:
     """--algo-args as each algorithm's extra flags; ValueError for a malformed or disallowed one."""
     flags: dict[str, list[str]] = {algo: [] for algo in args.algos}
@@ -720,9 +732,12 @@ def algo_flags(args: CompareArgs) -> dict[str, list[str]]:
         except ValueError as e:
             raise ValueError(f"--algo-args {item!r}: {e}") from None
         for token in tokens:
-            if token.split("=")[0] in CONTROLLED_FLAGS:
-                raise ValueError(f"--algo-args {item!r}: compare.py sets {token.split('=')[0]} itself (from its own "
-                                 f"flags); allowed: any other flag of the script")
+            flag = controlled_flag(token)
+            if flag:
+                spelled = token.split("=")[0]
+                raise ValueError(f"--algo-args {item!r}: compare.py sets {flag} itself (from its own flags"
+                                 f"{'' if spelled == flag else f'; {spelled} is a spelling of it'}); allowed: any "
+                                 f"other flag of the script")
         for name in (flags if algo == "all" else [algo]):
             flags[name] += tokens
     return flags
@@ -791,7 +806,7 @@ def plan(args: CompareArgs, stamp: int) -> list[Job]:
         raise ValueError("--env-id: no env given; allowed: one or more gymnasium env ids")
     tools_common.check_counts([("--num-seeds", args.num_seeds), ("--total-timesteps", args.total_timesteps),
                                ("--cpus-per-task", args.cpus_per_task)], args.seed, args.num_seeds)
-    group = args.seeds_per_task or args.num_seeds
+    group = args.num_seeds if args.seeds_per_task is None else args.seeds_per_task  # (0 is a value, not unset)
     if not 1 <= group <= args.num_seeds:
         raise ValueError(f"--seeds-per-task {group}: must be in [1, --num-seeds {args.num_seeds}]")
     thresholds_for(list(args.env_id), args.threshold)

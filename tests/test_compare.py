@@ -317,6 +317,18 @@ BAD_INPUT = [
     (["--algo-args", "actor_critic:--gae-lambda=2"], ["actor_critic", "--gae-lambda 2.0", "[0, 1]"]),
     (["--algo-args", "all:--learning-rate=-1"], ["reinforce", "--learning-rate -1.0", "positive"]),
     (["--algo-args", "reinforce:--seed=3"], ["reinforce:--seed=3", "sets --seed itself"]),
+    # the other spellings the scripts' parser accepts: '_' for '-', FLAG=VALUE, a boolean's --no- (a short budget,
+    # so that a version that let them through trains briefly and fails the test instead of hanging it)
+    (["--algos", "reinforce", "--num-seeds", "1", "--algo-args", "reinforce:--total_timesteps 500"],
+     ["'reinforce:--total_timesteps 500'", "sets --total-timesteps itself", "--total_timesteps is a spelling of it"]),
+    (["--algos", "reinforce", "--num-seeds", "1", "--algo-args", "reinforce:--total_timesteps=500"],
+     ["'reinforce:--total_timesteps=500'", "sets --total-timesteps itself"]),
+    (["--algos", "reinforce", "--num-seeds", "1", "--total-timesteps", "500", "--algo-args", "all:--no-quiet"],
+     ["'all:--no-quiet'", "sets --quiet itself", "--no-quiet is a spelling of it"]),
+    (["--algos", "reinforce", "--num-seeds", "1", "--total-timesteps", "500", "--algo-args",
+      "reinforce:--run_dir=elsewhere --num_threads 2"], ["sets --run-dir itself"]),
+    (["--algos", "reinforce", "--num-seeds", "1", "--total-timesteps", "500", "--seeds-per-task", "0"],
+     ["--seeds-per-task 0", "must be in [1, --num-seeds 1]"]),
     (["--ray-address", "not-an-address", "--algos", "reinforce"], ["--ray-address not-an-address", "cannot connect"]),
     (["--algos", "reinforce", "--algo-args", "sb3_a2c:--settings default"], ["'sb3_a2c' is not one of --algos"]),
 ]
@@ -401,6 +413,22 @@ def test_the_flags_compare_sets_on_a_job_are_its_controlled_flags(tmp_path, monk
     set_flags = {token.split("=")[0] for token in jobs[0].argv[:-2] if token.startswith("--")} | {"--run-dir"}
     assert set_flags <= set(compare.CONTROLLED_FLAGS), set_flags - set(compare.CONTROLLED_FLAGS)
     assert not (tmp_path / "runs").exists()
+
+
+def test_seeds_per_task_0_is_refused_not_taken_for_unset(tmp_path, monkeypatch):
+    # 0 was read as "not given" (all of an algorithm's seeds in one process) and planned a full default comparison
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match=r"^--seeds-per-task 0: must be in \[1, --num-seeds 10\]$"):
+        compare.plan(compare.CompareArgs(seeds_per_task=0), stamp=0)
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("token,flag", [
+    ("--total_timesteps", "--total-timesteps"), ("--total-timesteps=5", "--total-timesteps"), ("--num_seeds=2", "--num-seeds"),
+    ("--no-quiet", "--quiet"), ("--no_resume", "--resume"), ("--env_id", "--env-id"), ("--gamma", None),
+    ("--no-compile", None), ("0.9", None), ("--seed-offset", None)])
+def test_controlled_flag_in_every_spelling(token, flag):
+    assert compare.controlled_flag(token) == flag
 
 
 def test_sb3_a2c_is_allowed_but_not_a_default():
