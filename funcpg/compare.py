@@ -56,6 +56,7 @@ import json
 import logging
 import math
 import os
+import reprlib
 import shlex
 import socket
 import subprocess
@@ -224,16 +225,139 @@ def config_flag(key: str) -> str:
 
 
 def expand_from(paths: tuple[str, ...]) -> list[str]:
-    """--from's paths, with every comparison directory (one holding compare.json) replaced by its runs."""
+    """--from's paths, with every comparison directory (one holding compare.json) replaced by its runs; ValueError
+    naming the comparison directory for an unreadable compare.json or a run it lists that is not there."""
     out = []
     for path in paths:
-        manifest = os.path.join(path, "compare.json")
-        if os.path.isdir(path) and os.path.isfile(manifest) and not os.path.exists(os.path.join(path, "config.json")):
-            with open(manifest) as f:
-                out += [os.path.normpath(os.path.join(path, run)) for run in json.load(f)["runs"]]
+        if (os.path.isdir(path) and os.path.lexists(os.path.join(path, "compare.json"))
+                and not os.path.exists(os.path.join(path, "config.json"))):
+            try:
+                manifest = read_json(path, "compare.json")
+                runs = manifest.get("runs") if isinstance(manifest, dict) else None
+                if not isinstance(runs, list) or not all(isinstance(run, str) for run in runs):
+                    raise ValueError("compare.json lacks its list of run directories, runs")
+            except ValueError as e:
+                raise ValueError(f"--from {path!r}: not a comparison directory ({e})") from None
+            for run in runs:
+                run_dir = os.path.normpath(os.path.join(path, run))
+                if not os.path.isdir(run_dir):
+                    raise ValueError(f"--from {path!r}: its compare.json lists the run directory {run!r}, which is "
+                                     f"not there ({run_dir!r}); allowed: a comparison directory beside its runs")
+                out.append(run_dir)
         else:
             out.append(path)
     return out
+
+
+def os_reason(e: Exception) -> str:
+    """An exception from reading a file as a short reason: an OSError's strerror ('Permission denied'), else its
+    text."""
+    return e.strerror if isinstance(e, OSError) and e.strerror else str(e) or type(e).__name__
+
+
+def read_json(directory: str, name: str):
+    """The JSON value of directory/name; ValueError naming the file (the caller names the directory): no such
+    file, unreadable, or not JSON."""
+    try:
+        with open(os.path.join(directory, name), encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise ValueError(f"no {name}") from None
+    except (OSError, ValueError) as e:  # (JSONDecodeError and UnicodeDecodeError are ValueErrors)
+        raise ValueError(f"unreadable {name} ({os_reason(e)})") from None
+
+
+def is_number(value, integer: bool = False) -> bool:
+    """A JSON number (an integer with integer=True), not a boolean."""
+    return isinstance(value, int if integer else (int, float)) and not isinstance(value, bool)
+
+
+def config_problem(config) -> Optional[str]:
+    """What makes a run directory's config.json unusable for compare.py, or None."""
+    if not isinstance(config, dict):
+        return f"config.json holds {reprlib.repr(config)}, not an object of the run's settings"
+    missing = [key for key in ("algorithm", "env_id", "agents") if key not in config]
+    if missing:
+        return f"config.json lacks {', '.join(missing)}"
+    for key in ("algorithm", "env_id", "exp_name"):
+        if key in config and not (isinstance(config[key], str) and config[key]):
+            return f"config.json's {key} is {reprlib.repr(config[key])}, not a name"
+    if config.get("total_timesteps") is not None and not is_number(config["total_timesteps"]):
+        return f"config.json's total_timesteps is {reprlib.repr(config['total_timesteps'])}, not a number"
+    agents = config["agents"]
+    if not isinstance(agents, list) or not agents:
+        return f"config.json's agents is {reprlib.repr(agents)}, not a list of one or more agents"
+    for i, agent in enumerate(agents, 1):
+        which = f"config.json's agent {i} of {len(agents)}"
+        if not isinstance(agent, dict):
+            return f"{which} is {reprlib.repr(agent)}, not an object with its seed, learning_rate and ent_coef"
+        for key, integer in (("seed", True), ("learning_rate", False), ("ent_coef", False)):
+            if key not in agent:
+                return f"{which} has no {key}"
+            if not is_number(agent[key], integer):
+                return f"{which} has {key} {reprlib.repr(agent[key])}, not {'an integer' if integer else 'a number'}"
+    return None
+
+
+def finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(text)
+    return value
+
+
+def non_negative(text: str) -> float:
+    value = finite(text)
+    if value < 0:
+        raise ValueError(text)
+    return value
+
+
+def positive(text: str) -> float:
+    value = finite(text)
+    if value <= 0:
+        raise ValueError(text)
+    return value
+
+
+# the columns compare.py reads from a run directory's CSV files: column -> (its parser, which raises ValueError for
+# a value that is not one, and what it accepts)
+INTEGER, NUMBER = (int, "an integer"), (finite, "a finite number")
+EPISODE_COLUMNS = {"seed": INTEGER, "global_step": INTEGER, "wall_time": (non_negative, "a number >= 0"),
+                   "episodic_return": NUMBER}
+UPDATE_COLUMNS = {"seed": INTEGER, "global_step": INTEGER, "wall_time": (positive, "a number > 0")}
+GRID_COLUMNS = {"learning_rate": NUMBER, "ent_coef": NUMBER}  # a grid run's rows name their agent's values too
+
+
+def read_rows_checked(directory: str, name: str, columns: dict[str, tuple[Callable, str]]) -> list[dict]:
+    """The rows of directory/name, a CSV file with a header line, as dicts of strings ([] if there is no such file;
+    with a column of GRID_COLUMNS in its header, all of those are checked too); ValueError naming the file (the caller names the
+    directory) when it cannot be read, its header lacks one of `columns`, or a row's value of one does not parse."""
+    path = os.path.join(directory, name)
+    if not os.path.lexists(path):
+        return []
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            header = reader.fieldnames or []
+            if GRID_COLUMNS.keys() & set(header):
+                columns = {**columns, **GRID_COLUMNS}
+            rows = []
+            for row in reader:
+                if rows == [] and not columns.keys() <= set(header):
+                    raise ValueError(f"{name}'s first line (its header) is {','.join(header)!r}, which lacks "
+                                     f"{', '.join(c for c in columns if c not in header)}")
+                for column, (parse, accepted) in columns.items():
+                    try:
+                        parse(row[column])
+                    except (TypeError, ValueError):  # (a short row's missing values are None)
+                        value = "missing (a short row)" if row[column] is None else repr(row[column])
+                        raise ValueError(f"{name} line {reader.line_num}: {column} is {value}; allowed: "
+                                         f"{accepted}") from None
+                rows.append(row)
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise ValueError(f"unreadable {name} ({os_reason(e)})") from None
+    return rows
 
 
 def read_run_dir(path: str) -> tuple[dict, list[dict], list[dict]]:
@@ -242,21 +366,20 @@ def read_run_dir(path: str) -> tuple[dict, list[dict], list[dict]]:
         raise ValueError(f"{path!r}: no such directory; allowed: run directories written by funcpg's scripts, or "
                          f"comparison directories")
     try:
-        with open(os.path.join(path, "config.json")) as f:
-            config = json.load(f)
-        if not {"algorithm", "env_id", "agents"} <= set(config) or not config["agents"]:
-            raise ValueError("it lacks algorithm, env_id or agents")
-    except (OSError, ValueError) as e:
-        reason = "no config.json" if isinstance(e, FileNotFoundError) else f"unreadable config.json ({e})"
-        raise ValueError(f"{path!r}: not a funcpg run directory ({reason})") from None
+        config = read_json(path, "config.json")
+        problem = config_problem(config)
+        if problem:
+            raise ValueError(problem)
+    except ValueError as e:
+        raise ValueError(f"{path!r}: not a funcpg run directory ({e})") from None
     try:
-        episodes = tools_common.read_csv(os.path.join(path, "episodes.csv"))
-    except FileNotFoundError:
-        episodes = []
+        episodes = read_rows_checked(path, "episodes.csv", EPISODE_COLUMNS)
+        grid = bool(episodes) and "learning_rate" in episodes[0]  # (then its updates must name their agents' too)
+        updates = read_rows_checked(path, "updates.csv", {**UPDATE_COLUMNS, **(GRID_COLUMNS if grid else {})})
+    except ValueError as e:
+        raise ValueError(f"{path!r}: {e}") from None
     if not episodes:
         raise ValueError(f"{path!r}: holds no finished training episode (an empty or unstarted run)")
-    updates_path = os.path.join(path, "updates.csv")
-    updates = tools_common.read_csv(updates_path) if os.path.exists(updates_path) else []
     return config, episodes, updates
 
 
@@ -295,7 +418,7 @@ def run_agents(path: str) -> tuple[dict, list[Agent]]:
         rows = by_agent.get(key, [])
         last = end.get(key) or (rows[-1] if rows else {"global_step": 0, "wall_time": 0.0})
         steps, walls, returns = tools_common.episode_arrays(rows)
-        agents.append(Agent(label=config.get("exp_name", config["algorithm"]), algorithm=config["algorithm"],
+        agents.append(Agent(label=config.get("exp_name") or config["algorithm"], algorithm=config["algorithm"],
                             env_id=config["env_id"], seed=a["seed"], learning_rate=a["learning_rate"],
                             ent_coef=a["ent_coef"], run_dir=path, steps=steps, walls=walls, returns=returns,
                             final_step=int(min(int(last["global_step"]), budget)), final_wall=float(last["wall_time"])))

@@ -1,0 +1,95 @@
+"""Tests of funcpg/compare.py under faults: malformed --from directories, an unreachable --ray-address, and
+SIGINT / SIGTERM sent to compare.py alone while its training processes run."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from test_compare import check_bad_input, step_returns, write_run
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Malformed --from directories: one line naming the directory and the file, exit 2, no traceback
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def edit_json(path: Path, edit) -> None:
+    path.write_text(json.dumps(edit(json.loads(path.read_text()))))
+
+
+def edit_lines(path: Path, edit) -> None:
+    path.write_text("".join(edit(path.read_text().splitlines(keepends=True))))
+
+
+def in_place_of(path: Path) -> None:
+    """A directory where the file was: a file that cannot be read, whoever the tests run as (root reads a chmod 000
+    file)."""
+    path.unlink()
+    path.mkdir()
+
+
+MALFORMED_RUNS = {
+    "config.json a list": (lambda d: (d / "config.json").write_text('["algorithm", "env_id", "agents"]'),
+                           ["'bad': not a funcpg run directory", "config.json holds ['algorithm'", "not an object"]),
+    "config.json a number": (lambda d: (d / "config.json").write_text("5"), ["'bad'", "config.json holds 5"]),
+    "config.json unreadable": (lambda d: in_place_of(d / "config.json"), ["'bad'", "unreadable config.json"]),
+    "agents 5": (lambda d: edit_json(d / "config.json", lambda c: {**c, "agents": 5}),
+                 ["'bad'", "config.json's agents is 5, not a list"]),
+    "agent without seed": (lambda d: edit_json(d / "config.json", lambda c: {**c, "agents": [
+        {"learning_rate": 0.005, "ent_coef": 0.0}]}), ["'bad'", "config.json's agent 1 of 1 has no seed"]),
+    "agent seed a string": (lambda d: edit_json(d / "config.json", lambda c: {**c, "agents": [
+        {"seed": "1", "learning_rate": 0.005, "ent_coef": 0.0}]}), ["'bad'", "has seed '1', not an integer"]),
+    "total_timesteps a string": (lambda d: edit_json(d / "config.json", lambda c: {**c, "total_timesteps": "many"}),
+                                 ["'bad'", "total_timesteps is 'many'"]),
+    "env_id a number": (lambda d: edit_json(d / "config.json", lambda c: {**c, "env_id": 5}),
+                        ["'bad'", "env_id is 5, not a name"]),
+    "episodes.csv without its header": (lambda d: edit_lines(d / "episodes.csv", lambda lines: lines[1:]),
+                                        ["'bad'", "episodes.csv's first line (its header)", "lacks seed"]),
+    "episodes.csv short row": (lambda d: edit_lines(d / "episodes.csv", lambda lines: [*lines[:3], "1,400\n",
+                                                                                        *lines[3:]]),
+                               ["'bad'", "episodes.csv line 4: wall_time is missing"]),
+    "episodes.csv text for a number": (lambda d: edit_lines(d / "episodes.csv", lambda lines: [
+        *lines[:3], "1,400,0.04,lots,100\n", *lines[3:]]), ["'bad'", "episodes.csv line 4: episodic_return is 'lots'"]),
+    "episodes.csv unreadable": (lambda d: in_place_of(d / "episodes.csv"), ["'bad'", "unreadable episodes.csv"]),
+    "updates.csv short row": (lambda d: edit_lines(d / "updates.csv", lambda lines: [*lines[:2], "1,1600\n"]),
+                              ["'bad'", "updates.csv line 3: wall_time is missing"]),
+    "updates.csv without its header": (lambda d: edit_lines(d / "updates.csv", lambda lines: lines[1:]),
+                                       ["'bad'", "updates.csv's first line (its header)"]),
+    "updates.csv wall_time 0": (lambda d: edit_lines(d / "updates.csv", lambda lines: [
+        lines[0], "1,800,0,0.1,,0.6,1.0,1000\n"]), ["'bad'", "updates.csv line 2: wall_time is '0'"]),
+    "updates.csv unreadable": (lambda d: in_place_of(d / "updates.csv"), ["'bad'", "unreadable updates.csv"]),
+}
+
+
+@pytest.mark.parametrize("case", MALFORMED_RUNS)
+def test_a_malformed_run_directory_is_one_line_naming_it(tmp_path, case):
+    make_bad, expected = MALFORMED_RUNS[case]
+    make_bad(write_run(tmp_path / "bad", "reinforce", {(1,): step_returns(10.0)}))
+    check_bad_input(tmp_path, ["--from", "bad"], expected)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads a file whatever its mode")
+def test_an_episodes_csv_without_read_permission_is_one_line_naming_it(tmp_path):
+    run = write_run(tmp_path / "bad", "reinforce", {(1,): step_returns(10.0)})
+    (run / "episodes.csv").chmod(0)
+    check_bad_input(tmp_path, ["--from", "bad"], ["'bad'", "unreadable episodes.csv (Permission denied)"])
+
+
+MALFORMED_COMPARISONS = {
+    "compare.json not JSON": ("{runs", ["--from 'cmp': not a comparison directory", "unreadable compare.json"]),
+    "compare.json a list": ('["ok"]', ["--from 'cmp': not a comparison directory", "compare.json lacks"]),
+    "runs a number": ('{"runs": 5}', ["--from 'cmp': not a comparison directory", "compare.json lacks"]),
+    "a run not there": ('{"runs": ["../ok", "../gone"]}', ["--from 'cmp'", "'../gone'", "not there"]),
+}
+
+
+@pytest.mark.parametrize("case", MALFORMED_COMPARISONS)
+def test_a_malformed_comparison_directory_is_one_line_naming_it(tmp_path, case):
+    manifest, expected = MALFORMED_COMPARISONS[case]
+    (tmp_path / "cmp").mkdir()
+    (tmp_path / "cmp" / "compare.json").write_text(manifest)
+    check_bad_input(tmp_path, ["--from", "cmp"], expected)
