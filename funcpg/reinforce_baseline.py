@@ -469,7 +469,8 @@ def agent_rows(stats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def derived_seed(seed: int, purpose: int, index: int) -> int:
-    """The seed of batch (purpose 0) or evaluation (1) number `index` of agent `seed`: resume continues exactly."""
+    """The seed of batch (purpose 0) or evaluation (1) number `index` of agent `seed`: resume continues exactly.
+    Purpose 2: the action noise after update `index`, when resumed on another kind of device than it was saved on."""
     return int(np.random.SeedSequence([seed, purpose, index]).generate_state(1)[0])
 
 
@@ -577,7 +578,7 @@ def make_update(args: Args):
     batched = vmap(update, in_dims=(0, 0, 0, 1, 0))  # the batch's agent dimension is dim 1: [T, A, N, ...]
     if args.compile:  # on the CPU, Inductor's C++ wrapper calls the kernels without Python: ~20% faster here
         options = {"cpp_wrapper": True} if resolve_device(args.device).type == "cpu" else {}
-        return torch.compile(batched, fullgraph=True, options=options)
+        return torch.compile(batched, fullgraph=True, dynamic=False, options=options)  # the shapes never change
     if len(agent_grid(args)) > 1:
         return batched
 
@@ -754,9 +755,15 @@ class Run:
         """The state to train from, stacked over the agents: the checkpoint's (and its generator states) on --resume,
         else each agent's params, a fresh Adam state, and norm (one agent's initial statistics) for every agent."""
         self.generators = generators
-        if self.checkpoint:
+        if self.checkpoint and len(self.checkpoint["rng_state"][0]) != len(generators[0].get_state()):
+            print(f"note: the checkpoint's action noise was drawn on another kind of device; on {self.device.type} it "
+                  "goes on from a fresh stream (parameters, optimizer, statistics and counters go on as saved)")
+            for generator, agent, updates in zip(generators, self.agents, self.num_updates):
+                generator.manual_seed(derived_seed(agent["seed"], 2, int(updates)))
+        elif self.checkpoint:
             for generator, state in zip(generators, self.checkpoint["rng_state"]):
                 generator.set_state(state.cpu().clone())  # a copy: set_state of a row (a view) crashes torch 2.13
+        if self.checkpoint:
             self.state = tuple(self.checkpoint[k] for k in ("params", "opt_state", "norm"))
         else:
             params = {k: v.to(self.device) for k, v in stack_agents(params).items()}

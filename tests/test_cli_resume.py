@@ -23,8 +23,8 @@ import pytest
 import torch
 
 from cli_helpers import (AC, EPISODES_HEADER, EXACT_RESUME, FULL, SCRIPTS, assert_continued_rows, assert_ok,
-                         assert_one_adam_step, load_checkpoint, read_config, read_csv, rollout_size, run_script, steps,
-                         up_to, without)
+                         assert_one_adam_step, load_checkpoint, load_raw_checkpoint, read_config, read_csv, rollout_size,
+                         run_script, steps, up_to, without)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -139,3 +139,28 @@ def test_resume_after_a_crash_drops_a_half_written_csv_row(tmp_path, shared, scr
     assert up_to(got, half_step) == half_episodes
     if script in EXACT_RESUME:
         assert without(got, "wall_time") == without(expected, "wall_time")
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_a_checkpoint_of_another_kind_of_device_resumes_with_a_fresh_action_noise_stream(tmp_path, shared, script):
+    """A checkpoint saved with --device cuda holds CUDA generator states (16 bytes), which a CPU generator cannot take
+    (and the reverse): the resumed run says so and draws its action noise from a stream derived from (seed, update),
+    so it is still reproducible; parameters, optimizer, statistics, counters and rows go on as saved."""
+    half_run = shared(script, "half")
+    saved = load_raw_checkpoint(half_run / "checkpoint.pt")
+    assert saved["rng_state"].dtype == torch.uint8 and saved["rng_state"].shape[1] != 16
+    results = []
+    for name in ("B", "C"):
+        run_dir = tmp_path / name
+        shutil.copytree(half_run, run_dir)
+        torch.save({**saved, "rng_state": torch.zeros(len(saved["agents"]), 16, dtype=torch.uint8)},
+                   run_dir / "checkpoint.pt")
+        r = run_script(script, "--resume", run_dir, "--total-timesteps", FULL, "--eval-every", 0, cwd=tmp_path)
+        assert_ok(r)
+        assert "action noise was drawn on another kind of device" in r.stdout, r.stdout
+        ckpt = load_checkpoint(run_dir / "checkpoint.pt")
+        assert ckpt["global_step"] >= FULL and ckpt["rng_state"].shape == saved["rng_state"][0].shape
+        _, episodes = read_csv(run_dir / "episodes.csv")
+        assert steps(episodes) == sorted(steps(episodes)) and steps(episodes)[-1] > saved["global_step"][0]
+        results.append(without(episodes, "wall_time"))
+    assert results[0] == results[1], "the fresh stream is not reproducible"
