@@ -759,13 +759,48 @@ def run_local(jobs: list[Job], cpus_per_task: int) -> Iterator[Outcome]:
         pool.shutdown(wait=True, cancel_futures=True)
 
 
+# seconds a Ray cluster has to answer before --ray-address is reported unreachable (Ray itself retries for minutes)
+RAY_CONNECT_TIMEOUT = 60.0
+# connects to the Ray cluster at sys.argv[1] and leaves: connect_ray runs it first in a process of its own, which it
+# can kill at the timeout (a ray.init that does not return cannot be stopped), with Ray's retry messages captured
+RAY_PROBE = ("import logging, sys, ray; ray.init(address=sys.argv[1], include_dashboard=False, "
+             "logging_level=logging.ERROR, log_to_driver=False); ray.shutdown()")
+
+
+def reach_ray(address: str, timeout: float) -> None:
+    """ValueError naming `address` unless a Ray cluster answers there within `timeout` seconds: a host:port must
+    accept a connection, and a Ray connection made in a process of its own (RAY_PROBE) must succeed before it is
+    killed at the timeout."""
+    deadline = time.monotonic() + timeout
+    unreachable = f"--ray-address {address}: cannot connect to a Ray cluster"
+    allowed = "allowed: a running cluster's address, auto or local"
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if sep and host and port.isdigit():  # refused or unreachable: say so now, not after Ray's retries
+        try:
+            socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+        except OSError as e:
+            raise ValueError(f"{unreachable} ({os_reason(e)}); {allowed}") from None
+    try:
+        probe = subprocess.run([sys.executable, "-c", RAY_PROBE, address], stdin=subprocess.DEVNULL,
+                               capture_output=True, text=True, timeout=max(deadline - time.monotonic(), 1.0))
+    except subprocess.TimeoutExpired:
+        raise ValueError(f"{unreachable}: none answered within {timeout:g} s; {allowed}") from None
+    if probe.returncode != 0:
+        lines = [line.strip() for line in probe.stderr.splitlines() if line.strip()]
+        reason = lines[-1].split(": ", 1)[-1] if lines else f"exit status {probe.returncode}"
+        raise ValueError(f"{unreachable} ({reason}); {allowed}")
+
+
 def connect_ray(address: str, cpus_per_task: int):
-    """The ray module, connected to the cluster at `address` ('local' starts one here); ValueError if it cannot."""
+    """The ray module, connected to the cluster at `address` ('local' starts one here); ValueError if it cannot,
+    within RAY_CONNECT_TIMEOUT seconds for a cluster that does not answer (reach_ray)."""
     try:
         import ray
     except ImportError:
         raise ValueError(f"--ray-address {address}: Ray is not installed; pip install 'funcpg[ray]' "
                          f"(or pip install ray), or leave out --ray-address to train on this machine") from None
+    if address != "local":
+        reach_ray(address, RAY_CONNECT_TIMEOUT)
     options = dict(include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False)
     try:
         if address == "local":

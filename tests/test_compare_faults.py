@@ -3,12 +3,18 @@ SIGINT / SIGTERM sent to compare.py alone while its training processes run."""
 
 from __future__ import annotations
 
+import concurrent.futures
+import importlib.util
 import json
 import os
+import socket
+import sys
+import time
 from pathlib import Path
 
 import pytest
 
+from funcpg import compare
 from test_compare import check_bad_input, step_returns, write_run
 
 
@@ -93,3 +99,55 @@ def test_a_malformed_comparison_directory_is_one_line_naming_it(tmp_path, case):
     (tmp_path / "cmp").mkdir()
     (tmp_path / "cmp" / "compare.json").write_text(manifest)
     check_bad_input(tmp_path, ["--from", "cmp"], expected)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# An unreachable --ray-address: one error within the timeout, not Ray's retries
+# ----------------------------------------------------------------------------------------------------------------
+
+# a Ray whose ray.init never connects: in this process until the test releases it, in a process of its own until it
+# is killed
+STUB_RAY = """
+import threading
+release = threading.Event()
+
+
+def init(*args, **kwargs):
+    release.wait(120)
+    raise ConnectionError("stub Ray: released")
+"""
+
+
+@pytest.mark.parametrize("kind", ["silent", "refused"])
+def test_an_unreachable_ray_address_is_an_error_within_the_timeout(tmp_path, monkeypatch, kind):
+    """A port that accepts connections and never answers (a host that is not a Ray cluster), and a closed port
+    (Ray retries both for minutes)."""
+    (tmp_path / "stub" / "ray").mkdir(parents=True)
+    (tmp_path / "stub" / "ray" / "__init__.py").write_text(STUB_RAY)
+    spec = importlib.util.spec_from_file_location("ray", tmp_path / "stub" / "ray" / "__init__.py")
+    stub = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(stub)
+    monkeypatch.setitem(sys.modules, "ray", stub)  # this process's import ray
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path / "stub"), os.environ.get("PYTHONPATH", "")]))
+    monkeypatch.setattr(compare, "RAY_CONNECT_TIMEOUT", 2.0, raising=False)
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    address = f"127.0.0.1:{server.getsockname()[1]}"
+    if kind == "silent":
+        server.listen()  # the kernel accepts connections into the backlog; nothing ever answers them
+    else:
+        server.close()
+    pool = concurrent.futures.ThreadPoolExecutor(1)
+    start = time.monotonic()
+    try:
+        future = pool.submit(compare.connect_ray, address, 1)
+        with pytest.raises(ValueError) as error:
+            future.result(timeout=20)
+    finally:
+        stub.release.set()
+        server.close()
+        pool.shutdown()
+    assert time.monotonic() - start < 10
+    message = str(error.value)
+    assert message.startswith(f"--ray-address {address}: cannot connect to a Ray cluster") and "\n" not in message
+    assert ("none answered within 2 s" if kind == "silent" else "Connection refused") in message
