@@ -58,6 +58,7 @@ import math
 import os
 import reprlib
 import shlex
+import signal
 import socket
 import subprocess
 import sys
@@ -681,13 +682,75 @@ class Job(NamedTuple):
         return f"{self.algo} on {self.env_id}, {seeds}"
 
 
-def run_process(script: str, argv: list[str], stop: Optional[threading.Event] = None) -> tuple[int, str]:
+class Processes:
+    """The training processes run_local has running, each in a session (so a process group) of its own: a Ctrl-C at
+    the terminal reaches compare.py alone, which sends it on to them once (forward_signals)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.RLock()  # (stop runs in a signal handler, in a thread that may hold it already)
+        self.running: set[subprocess.Popen] = set()
+        self.stopped = False
+
+    def run(self, command: list[str], **popen) -> Optional[int]:
+        """Run `command` to its end: its exit status (negative: the signal that ended it), or None when stop came
+        first and it did not start."""
+        with self.lock:
+            if self.stopped:
+                return None
+            process = subprocess.Popen(command, start_new_session=True, **popen)
+            self.running.add(process)
+        try:
+            return process.wait()
+        finally:
+            with self.lock:
+                self.running.discard(process)
+
+    def stop(self, signum: Optional[int] = None) -> None:
+        """Start no more; send the running ones signal `signum` (if given)."""
+        with self.lock:
+            self.stopped = True
+            for process in self.running if signum is not None else ():
+                with contextlib.suppress(ProcessLookupError):
+                    process.send_signal(signum)
+
+
+# the signals compare.py sends on to its training processes (the terminal's reach compare.py alone)
+FORWARDED_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
+
+
+@contextlib.contextmanager
+def forward_signals(processes: Processes) -> Iterator[list[int]]:
+    """Inside the block, each of FORWARDED_SIGNALS that compare.py receives is sent on to `processes` (no more of
+    them start), and the first raises KeyboardInterrupt (later ones only go on to them); yields the list of the
+    signals received."""
+    received: list[int] = []
+
+    def forward(signum: int, frame) -> None:
+        processes.stop(signum)
+        received.append(signum)
+        if len(received) == 1:
+            raise KeyboardInterrupt
+
+    previous = {signum: signal.signal(signum, forward) for signum in FORWARDED_SIGNALS}
+    try:
+        yield received
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def run_process(script: str, argv: list[str], processes: Optional[Processes] = None) -> tuple[int, str]:
     """Run `python script argv` to its end: (exit status, its last line on stderr). Its stdout is dropped (the
-    scripts run with --quiet). When `stop` is set before it starts, it does not start (exit status 130)."""
-    if stop is not None and stop.is_set():
-        return 130, "not started: interrupted"
+    scripts run with --quiet). With `processes`, it runs as one of them: when they were stopped before it started,
+    it does not start (exit status 130)."""
+    command = [sys.executable, script, *argv]
     with tempfile.TemporaryFile("w+") as err:
-        code = subprocess.run([sys.executable, script, *argv], stdout=subprocess.DEVNULL, stderr=err).returncode
+        if processes is None:
+            code = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=err).returncode
+        else:
+            code = processes.run(command, stdout=subprocess.DEVNULL, stderr=err)
+            if code is None:
+                return 130, "not started: interrupted"
         err.seek(0)
         lines = [line.strip() for line in err.read().splitlines() if line.strip()]
     return code, lines[-1] if lines else ""
@@ -739,15 +802,13 @@ def script_of(algo: str) -> str:
     return REFERENCES.get(algo, algo)
 
 
-def run_local(jobs: list[Job], cpus_per_task: int) -> Iterator[Outcome]:
-    """The jobs as subprocesses, at most cores // cpus_per_task at once; outcomes in the order they finish.
-    Ctrl-C reaches the running scripts too (they save a checkpoint and exit); jobs not yet started are skipped."""
-    stop = threading.Event()
-
+def run_local(jobs: list[Job], cpus_per_task: int, processes: Processes) -> Iterator[Outcome]:
+    """The jobs as subprocesses (of `processes`), at most cores // cpus_per_task at once; outcomes in the order they
+    finish. Closed early, it starts no more jobs and waits for the running ones (train sends them its signal)."""
     def one(job: Job) -> Outcome:
         start = time.perf_counter()
         script = os.path.join(HERE, f"{script_of(job.algo)}.py")
-        code, message = run_process(script, [*job.argv, "--run-dir", job.run_dir], stop)
+        code, message = run_process(script, [*job.argv, "--run-dir", job.run_dir], processes)
         return Outcome(job, code, message, time.perf_counter() - start, "local")
 
     pool = concurrent.futures.ThreadPoolExecutor(max(1, (os.cpu_count() or 1) // cpus_per_task))
@@ -755,7 +816,7 @@ def run_local(jobs: list[Job], cpus_per_task: int) -> Iterator[Outcome]:
         for future in concurrent.futures.as_completed([pool.submit(one, job) for job in jobs]):
             yield future.result()
     finally:
-        stop.set()
+        processes.stop()
         pool.shutdown(wait=True, cancel_futures=True)
 
 
@@ -986,34 +1047,42 @@ def plan(args: CompareArgs, stamp: int) -> list[Job]:
     return jobs
 
 
-def train(args: CompareArgs, jobs: list[Job], ray) -> tuple[list[str], list[str], bool]:
-    """Run the jobs; (run directories of the runs that finished, failure messages, interrupted)."""
+def record(outcome: Outcome, progress: str, finished: list[str], failures: list[str]) -> None:
+    """Print a training run's outcome, and add its run directory to `finished` or its failure to `failures`."""
+    job = outcome.job
+    where = "" if outcome.where == "local" else f" on {outcome.where}"
+    if outcome.returncode == 0:
+        try:
+            read_run_dir(job.run_dir)
+        except ValueError as e:  # it ran to the end, with nothing to compare
+            failures.append(f"{job.name()}: {e}; raise --total-timesteps")
+            print(f"{progress} no result: {failures[-1]}", file=sys.stderr)
+            return
+        finished.append(job.run_dir)
+        print(f"{progress} done: {job.name()} ({outcome.seconds:.0f} s{where}) -> {job.run_dir}")
+    else:
+        failures.append(f"{job.name()}: exit status {outcome.returncode}: {outcome.message or '(no message)'}"
+                        + (f" (run directory {job.run_dir})" if os.path.isdir(job.run_dir) else ""))
+        print(f"{progress} FAILED: {failures[-1]}", file=sys.stderr)
+
+
+def train(args: CompareArgs, jobs: list[Job], ray) -> tuple[list[str], list[str], Optional[int]]:
+    """Run the jobs; (run directories of the runs that finished, failure messages, the signal that interrupted them
+    or None). A SIGINT (Ctrl-C), SIGTERM or SIGHUP is sent on to the running scripts (a Ctrl-C makes them save a
+    checkpoint and exit), jobs not yet started are skipped, and it returns once they have ended (Ray: cancelled)."""
     finished, failures = [], []
-    outcomes = run_ray(ray, jobs, args.cpus_per_task) if ray else run_local(jobs, args.cpus_per_task)
+    processes = Processes()
+    outcomes = run_ray(ray, jobs, args.cpus_per_task) if ray else run_local(jobs, args.cpus_per_task, processes)
     print(f"training {len(jobs)} run{'s' if len(jobs) > 1 else ''} ({'Ray at ' + args.ray_address if ray else 'locally'}"
           f"): {', '.join(args.algos)} on {', '.join(args.env_id)}, seeds {args.seed}-{args.seed + args.num_seeds - 1}")
-    try:
-        for i, outcome in enumerate(outcomes, 1):
-            job = outcome.job
-            where = "" if outcome.where == "local" else f" on {outcome.where}"
-            if outcome.returncode == 0:
-                try:
-                    read_run_dir(job.run_dir)
-                except ValueError as e:  # it ran to the end, with nothing to compare
-                    failures.append(f"{job.name()}: {e}; raise --total-timesteps")
-                    print(f"[{i}/{len(jobs)}] no result: {failures[-1]}", file=sys.stderr)
-                    continue
-                finished.append(job.run_dir)
-                print(f"[{i}/{len(jobs)}] done: {job.name()} ({outcome.seconds:.0f} s{where}) -> {job.run_dir}")
-            else:
-                failure = (f"{job.name()}: exit status {outcome.returncode}: {outcome.message or '(no message)'}"
-                           + (f" (run directory {job.run_dir})" if os.path.isdir(job.run_dir) else ""))
-                failures.append(failure)
-                print(f"[{i}/{len(jobs)}] FAILED: {failure}", file=sys.stderr)
-    except KeyboardInterrupt:
-        outcomes.close()
-        return finished, failures, True
-    return [job.run_dir for job in jobs if job.run_dir in finished], failures, False  # in --algos order
+    with forward_signals(processes) as received:
+        try:
+            for i, outcome in enumerate(outcomes, 1):
+                record(outcome, f"[{i}/{len(jobs)}]", finished, failures)
+        except KeyboardInterrupt:
+            outcomes.close()  # (inside the block: a second signal still reaches the scripts while they save)
+            return finished, failures, received[0] if received else signal.SIGINT
+    return [job.run_dir for job in jobs if job.run_dir in finished], failures, None  # in --algos order
 
 
 def main() -> None:
@@ -1046,9 +1115,10 @@ def main() -> None:
             ray.shutdown()
         if interrupted:
             kept = [job.run_dir for job in jobs if os.path.isdir(job.run_dir)]
-            print(f"interrupted: no comparison written; the runs keep their directories (compare them with --from): "
-                  f"{' '.join(kept)}", file=sys.stderr)
-            sys.exit(130)
+            print(f"interrupted by {signal.Signals(interrupted).name} (passed on to the training runs): no comparison "
+                  f"written; the runs keep their directories (compare them with --from): {' '.join(kept)}",
+                  file=sys.stderr)
+            sys.exit(128 + interrupted)  # (130 for SIGINT, 143 for SIGTERM, as a shell reports a process they end)
         if not run_dirs:
             print("error: no training run finished with an episode (above); nothing to compare", file=sys.stderr)
             sys.exit(1)

@@ -7,7 +7,9 @@ import concurrent.futures
 import importlib.util
 import json
 import os
+import signal
 import socket
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -15,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from funcpg import compare
-from test_compare import check_bad_input, step_returns, write_run
+from test_compare import COMPARE, check_bad_input, step_returns, write_run
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -151,3 +153,61 @@ def test_an_unreachable_ray_address_is_an_error_within_the_timeout(tmp_path, mon
     message = str(error.value)
     assert message.startswith(f"--ray-address {address}: cannot connect to a Ray cluster") and "\n" not in message
     assert ("none answered within 2 s" if kind == "silent" else "Connection refused") in message
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# SIGINT / SIGTERM sent to compare.py alone reach its training processes
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def proc_stat(pid: int) -> list[str] | None:
+    """The fields of /proc/PID/stat after the command (state, ppid, ...), or None for no such process."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+
+
+def running(pid: int) -> bool:
+    stat = proc_stat(pid)
+    return stat is not None and stat[0] != "Z"  # (an orphan's zombie may wait for a reaper that never comes)
+
+
+def children_of(pid: int) -> list[int]:
+    return [int(p) for p in os.listdir("/proc") if p.isdigit() and (stat := proc_stat(int(p))) is not None
+            and stat[0] != "Z" and int(stat[1]) == pid]
+
+
+def wait_for(condition, seconds: float, what: str):
+    deadline = time.monotonic() + seconds
+    while not (result := condition()):
+        assert time.monotonic() < deadline, f"no {what} within {seconds} s"
+        time.sleep(0.05)
+    return result
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="reads the process tree from /proc")
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_to_compare_alone_reaches_its_training_processes(tmp_path, signum):
+    """The signal is sent to compare.py's pid only (not its process group, as a terminal's Ctrl-C would be), once
+    its training process has started training (its run directory's config.json is written): the training
+    process must end with it, and compare.py must exit 128 + the signal with one line saying so."""
+    compare_py = subprocess.Popen([sys.executable, str(COMPARE), "--algos", "reinforce", "--num-seeds", "1",
+                                   "--total-timesteps", "100000000", "--out", "cmp"], cwd=tmp_path,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    children: list[int] = []
+    try:
+        children = wait_for(lambda: children_of(compare_py.pid), 60, "training process")
+        wait_for(lambda: list((tmp_path / "runs").glob("*/config.json")), 60, "run directory")
+        compare_py.send_signal(signum)
+        out, err = compare_py.communicate(timeout=20)
+        wait_for(lambda: not any(running(pid) for pid in children), 5, "end of the training process")
+        assert compare_py.returncode == 128 + signum, (compare_py.returncode, err)
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"interrupted by {signal.Signals(signum).name}"), err
+        assert "Traceback" not in err and not (tmp_path / "cmp").exists()
+    finally:
+        for pid in [compare_py.pid, *children]:  # (a version that left them running)
+            if running(pid):
+                os.kill(pid, signal.SIGKILL)
+        compare_py.communicate()
