@@ -1005,7 +1005,8 @@ def plan(args: CompareArgs, stamp: int) -> list[Job]:
     if args.from_:
         given = [config_flag(f) for f in TRAINING_FIELDS if getattr(args, f) != getattr(CompareArgs(), f)]
         if given:
-            raise ValueError(f"--from compares existing run directories; {', '.join(given)} only apply to training")
+            raise ValueError(f"--from {' '.join(args.from_)}: compares existing run directories; {', '.join(given)} "
+                             f"only apply to training")
         return []
     unknown = [a for a in args.algos if a not in ALLOWED_ALGOS]
     if unknown or not args.algos:

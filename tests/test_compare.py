@@ -302,7 +302,7 @@ BAD_INPUT = [
     (["--from", "no_episodes"], ["'no_episodes'", "no finished training episode"]),
     (["--from", "ok", "other_gamma"], ["'ok'", "'other_gamma'", "--gamma", "0.99", "0.9"]),
     (["--from", "ok", "same_seed"], ["seed 1", "'ok'", "'same_seed'"]),
-    (["--from", "ok", "--num-seeds", "3"], ["--from", "--num-seeds", "training"]),
+    (["--from", "ok", "--num-seeds", "3"], ["--from ok: compares", "--num-seeds", "training"]),
     (["--from", "ok", "--threshold", "1", "2"], ["--threshold", "one per env"]),
     (["--num-seeds", "0"], ["--num-seeds 0", "positive"]),
     (["--num-seeds", "2", "--seeds-per-task", "3"], ["--seeds-per-task 3", "[1, --num-seeds 2]"]),
