@@ -13,7 +13,9 @@ Training: each (algorithm, env, seed group) is one run of funcpg/{algo}.py (its 
 go in parallel processes, as many at once as the machine has cores (divided by --cpus-per-task); with
 --ray-address each is a Ray task (num_cpus = --cpus-per-task) that ships the script's source to a worker, runs it
 there and sends the run directory's files back. A run that fails is reported with its algorithm, env and seeds,
-and the others are still compared (exit status 1).
+and the others are still compared (exit status 1). A SIGINT (Ctrl-C), SIGTERM or SIGHUP is passed on to the
+training processes (Ray: their tasks are cancelled); compare.py waits for them and exits 128 + the signal, writing
+no comparison. A Ray cluster that does not answer within RAY_CONNECT_TIMEOUT (60 s) is an error.
 
 Stable-Baselines3 A2C beside them: --algos ... sb3_a2c (not in the default --algos; needs stable-baselines3: pip
 install 'funcpg[bench]') runs funcpg/sb3_reference.py in its run mode on the same command line, so it trains the
