@@ -334,8 +334,9 @@ GRID_COLUMNS = {"learning_rate": NUMBER, "ent_coef": NUMBER}  # a grid run's row
 
 def read_rows_checked(directory: str, name: str, columns: dict[str, tuple[Callable, str]]) -> list[dict]:
     """The rows of directory/name, a CSV file with a header line, as dicts of strings ([] if there is no such file;
-    with a column of GRID_COLUMNS in its header, all of those are checked too); ValueError naming the file (the caller names the
-    directory) when it cannot be read, its header lacks one of `columns`, or a row's value of one does not parse."""
+    with a column of GRID_COLUMNS in its header, all of those are checked too); ValueError naming the file (the
+    caller names the directory) when it cannot be read, its header lacks one of `columns`, or a row's value of one
+    does not parse."""
     path = os.path.join(directory, name)
     if not os.path.lexists(path):
         return []

@@ -424,8 +424,8 @@ def test_seeds_per_task_0_is_refused_not_taken_for_unset(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("token,flag", [
-    ("--total_timesteps", "--total-timesteps"), ("--total-timesteps=5", "--total-timesteps"), ("--num_seeds=2", "--num-seeds"),
-    ("--no-quiet", "--quiet"), ("--no_resume", "--resume"), ("--env_id", "--env-id"), ("--gamma", None),
+    ("--total_timesteps", "--total-timesteps"), ("--total-timesteps=5", "--total-timesteps"),
+    ("--num_seeds=2", "--num-seeds"), ("--no-quiet", "--quiet"), ("--no_resume", "--resume"), ("--env_id", "--env-id"), ("--gamma", None),
     ("--no-compile", None), ("0.9", None), ("--seed-offset", None)])
 def test_controlled_flag_in_every_spelling(token, flag):
     assert compare.controlled_flag(token) == flag
