@@ -37,7 +37,7 @@ import threading
 import time
 import warnings
 from collections import deque
-from typing import Literal, NamedTuple, Optional
+from typing import Literal, NamedTuple, Optional, Union, get_args, get_origin, get_type_hints
 
 import gymnasium as gym
 import numpy as np
@@ -669,25 +669,90 @@ def load_checkpoint(path: str, device: torch.device = torch.device("cpu")) -> di
                       "evaluated", "wall_time", "recent_returns", "rng_state", "csv_sizes"} - checkpoint.keys())
     if missing:
         raise ValueError(f"--resume {path!r}: incomplete checkpoint, missing {', '.join(missing)}")
+    problem = bookkeeping_problem(checkpoint, os.path.dirname(os.path.abspath(path)))
+    if problem:
+        raise ValueError(f"--resume {path!r}: damaged checkpoint: {problem}; {ours}")
     return {**checkpoint, "run_dir": os.path.dirname(os.path.abspath(path))}
+
+
+def bookkeeping_problem(c: dict, run_dir: str) -> Optional[str]:
+    """What is wrong with a checkpoint's types, counts and ranges (a hand edit, another program), or None. The
+    shapes and dtypes of its tensors are compared with the run's own by Run.start; its flags by command_line."""
+    agents, names = c["agents"], Run.COLUMNS
+    numbers = lambda xs, low=-math.inf: isinstance(xs, list) and all(  # noqa: E731
+        type(x) in (int, float) and low <= x < math.inf for x in xs)
+    if not isinstance(c["env_id"], str) or not isinstance(c["args"], dict):
+        return "env_id must be a string and args a dict"
+    if not (isinstance(agents, list) and agents and all(isinstance(a, dict) and type(a.get("seed")) is int
+                                                        and numbers([a.get("learning_rate"), a.get("ent_coef")])
+                                                        for a in agents)):
+        return "agents must be a list of {seed: int, learning_rate, ent_coef}"
+    for key, low in (("global_step", 0), ("num_updates", 0), ("evaluated", -1)):
+        if not (numbers(c[key], low) and all(type(x) is int for x in c[key]) and len(c[key]) == len(agents)):
+            return f"{key} must hold one integer >= {low} per agent ({len(agents)})"
+    if not (isinstance(c["recent_returns"], list) and len(c["recent_returns"]) == len(agents)
+            and all(numbers(r) and len(r) <= 100 for r in c["recent_returns"])):
+        return f"recent_returns must hold one list of at most 100 finite numbers per agent ({len(agents)})"
+    if not numbers([c["wall_time"]], 0):
+        return "wall_time must be a number >= 0"
+    sizes, files = c["csv_sizes"], [os.path.join(run_dir, n) for n in names]
+    if not (isinstance(sizes, dict) and all(type(sizes.get(n)) is int and 0 <= sizes[n] <= (
+            os.path.getsize(f) if os.path.isfile(f) else 0) for n, f in zip(names, files))):
+        return f"csv_sizes must give each of {', '.join(names)} a size between 0 and the file's"
+    rng = c["rng_state"]
+    if not (isinstance(rng, torch.Tensor) and rng.dtype == torch.uint8 and rng.dim() == 2 and len(rng)):
+        return "rng_state must be a 2-d uint8 tensor (one generator state per row)"
+    return None
 
 
 def save_checkpoint(path: str, checkpoint: dict) -> None:
     """Write atomically to a temp file created afresh (never through a planted link), then rename it: a crash
     mid-write leaves the previous checkpoint intact and no temp file behind."""
-    fd, tmp = tempfile.mkstemp(prefix=".checkpoint-", dir=os.path.dirname(path))
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(prefix=".checkpoint-", dir=os.path.dirname(path))
         os.fchmod(fd, 0o644)  # as a plain file would be (mkstemp makes it private)
         with os.fdopen(fd, "wb") as f:
             torch.save(checkpoint, f)
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # a full disk, a file-size limit (torch.save raises RuntimeError for them)
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else "the write failed: is the disk full?"
+        raise OSError(f"cannot save {path} ({reason}); the checkpoint before it is kept") from None
     finally:
-        if os.path.exists(tmp):
+        if tmp and os.path.exists(tmp):
             os.remove(tmp)
 
 
 class RunDirInUse(ValueError):
     pass
+
+
+class StateMismatch(ValueError):
+    pass
+
+
+def check_state(path: str, checkpoint: dict, fresh: tuple, num_generators: int) -> None:
+    """StateMismatch unless the checkpoint's params, opt_state and norm have exactly the keys, shapes and dtypes of
+    the state these flags start from (`fresh`), and one generator state per generator."""
+    def leaves(tree, prefix=""):
+        if isinstance(tree, dict):
+            return {k2: v2 for k, v in tree.items() for k2, v2 in leaves(v, f"{prefix}{k}/").items()}
+        return {prefix.rstrip("/"): tree}
+
+    def kind(x) -> str:
+        return f"{str(x.dtype)[6:]} {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
+
+    got = leaves({k: checkpoint[k] for k in ("params", "opt_state", "norm")})
+    want = leaves(dict(zip(("params", "opt_state", "norm"), fresh)))
+    for key in sorted(got.keys() | want.keys()):
+        problem = (f"{key} is missing (expected {kind(want[key])})" if key not in got else
+                   f"{key} ({kind(got[key])}) has no place in it" if key not in want else
+                   f"{key} is {kind(got[key])}, expected {kind(want[key])}" * (kind(got[key]) != kind(want[key])))
+        if problem:
+            raise StateMismatch(f"--resume {path!r}: the checkpoint's state does not fit these flags: {problem}")
+    if len(checkpoint["rng_state"]) != num_generators:
+        raise StateMismatch(f"--resume {path!r}: the checkpoint has {len(checkpoint['rng_state'])} generator states, "
+                            f"expected {num_generators}")
 
 
 def lock_run_dir(path: str) -> int:
@@ -731,9 +796,14 @@ class Run:
         self.wall_offset, self.start_time, self.start_step = c.get("wall_time", 0.0), time.time(), self.global_step
         stamp = f"{args.env_id.replace('/', '-').replace(':', '-')}__{args.exp_name}__{args.seed}__{int(time.time())}"
         self.run_dir = args.run_dir or c.get("run_dir") or unused_path(os.path.join("runs", stamp))
+        self.args_dict, self.path = dataclasses.asdict(args), os.path.join(self.run_dir, "checkpoint.pt")
+
+    def open_run_dir(self) -> None:
+        """Take the run directory (its lock first), write config.json, open the logs; on resume, cut each CSV back
+        to the size the checkpoint recorded."""
+        args, c, n = self.args, self.checkpoint, len(self.agents)
         os.makedirs(self.run_dir, exist_ok=True)
         self.lock = lock_run_dir(self.run_dir)  # before anything is written there
-        self.args_dict, self.path = dataclasses.asdict(args), os.path.join(self.run_dir, "checkpoint.pt")
         with open(os.path.join(self.run_dir, "config.json"), "w") as f:
             json.dump({**self.args_dict, "algorithm": ALGORITHM, "run_dir": self.run_dir, "agents": self.agents,
                        "funcpg": FUNCPG_VERSION, "torch": torch.__version__, "gymnasium": gym.__version__}, f, indent=2)
@@ -755,6 +825,12 @@ class Run:
         """The state to train from, stacked over the agents: the checkpoint's (and its generator states) on --resume,
         else each agent's params, a fresh Adam state, and norm (one agent's initial statistics) for every agent."""
         self.generators = generators
+        params = {k: v.to(self.device) for k, v in stack_agents(params).items()}
+        fresh = (params, stack_agents([adam_init(agent_slice(params, i)) for i in range(len(self.agents))]),
+                 stack_agents([norm] * len(self.agents)))
+        if self.checkpoint:
+            check_state(self.args.resume, self.checkpoint, fresh, len(generators))
+        self.open_run_dir()
         if self.checkpoint and len(self.checkpoint["rng_state"][0]) != len(generators[0].get_state()):
             print(f"note: the checkpoint's action noise was drawn on another kind of device; on {self.device.type} it "
                   "goes on from a fresh stream (parameters, optimizer, statistics and counters go on as saved)")
@@ -763,12 +839,7 @@ class Run:
         elif self.checkpoint:
             for generator, state in zip(generators, self.checkpoint["rng_state"]):
                 generator.set_state(state.cpu().clone())  # a copy: set_state of a row (a view) crashes torch 2.13
-        if self.checkpoint:
-            self.state = tuple(self.checkpoint[k] for k in ("params", "opt_state", "norm"))
-        else:
-            params = {k: v.to(self.device) for k, v in stack_agents(params).items()}
-            self.state = (params, stack_agents([adam_init(agent_slice(params, i)) for i in range(len(self.agents))]),
-                          stack_agents([norm] * len(self.agents)))
+        self.state = tuple(self.checkpoint[k] for k in ("params", "opt_state", "norm")) if self.checkpoint else fresh
         self.last_good = self.snapshot()
         return self.state
 
@@ -796,8 +867,11 @@ class Run:
     def snapshot(self) -> dict:
         """What checkpoint.pt holds: the state, counters, RNG states, and the sizes of the CSV files (flushed) that
         go with them."""
-        for f in self.files.values():
-            f.flush()
+        for name, f in self.files.items():
+            try:
+                f.flush()
+            except OSError as e:
+                raise OSError(f"cannot write {os.path.join(self.run_dir, name)} ({e.strerror or e})") from None
         return {"algorithm": ALGORITHM, "env_id": self.args.env_id, "args": self.args_dict, "agents": self.agents,
                 **dict(zip(("params", "opt_state", "norm"), self.state)), "global_step": self.global_step.tolist(),
                 "num_updates": self.num_updates.tolist(), "evaluated": self.evaluated.tolist(),
@@ -954,21 +1028,34 @@ def check_args(args: Args, **bounds: str) -> None:
 
 def check_env(env_id: str, envs: gym.vector.VectorEnv) -> None:
     """ValueError naming what is unsupported: the autoreset mode (NEXT_STEP only), no time limit, the observation
-    space (a 1-D Box) or the action space (Discrete from 0, or a bounded 1-D Box)."""
+    space (a 1-D Box), the action space (Discrete from 0, or a bounded 1-D Box), observations from reset that do not
+    fit the observation space."""
     mode = envs.metadata.get("autoreset_mode", gym.vector.AutoresetMode.NEXT_STEP)
     observation_space, action_space = envs.single_observation_space, envs.single_action_space
     if mode != gym.vector.AutoresetMode.NEXT_STEP:
         raise ValueError(f"env {env_id!r} uses autoreset mode {mode}; allowed: NEXT_STEP (gymnasium's default)")
     if envs.spec is None or not envs.spec.max_episode_steps:
         raise ValueError(f"env {env_id!r} has no time limit; allowed: an env registered with max_episode_steps")
-    if not (isinstance(observation_space, gym.spaces.Box) and len(observation_space.shape) == 1):
-        raise ValueError(f"env {env_id!r} has observation space {observation_space}; allowed: a 1-D Box")
+    if not (isinstance(observation_space, gym.spaces.Box) and len(observation_space.shape) == 1
+            and observation_space.shape[0] > 0):
+        raise ValueError(f"env {env_id!r} has observation space {observation_space}; allowed: a 1-D Box of size >= 1")
     if isinstance(action_space, gym.spaces.Discrete) and action_space.start != 0:
         raise ValueError(f"env {env_id!r} has action space {action_space}; allowed: Discrete(n) starting at 0")
     if not isinstance(action_space, gym.spaces.Discrete) and not (
-            isinstance(action_space, gym.spaces.Box) and len(action_space.shape) == 1
+            isinstance(action_space, gym.spaces.Box) and len(action_space.shape) == 1 and action_space.shape[0] > 0
             and np.all(np.isfinite(action_space.low)) and np.all(np.isfinite(action_space.high))):
-        raise ValueError(f"env {env_id!r} has action space {action_space}; allowed: Discrete or a bounded 1-D Box")
+        raise ValueError(f"env {env_id!r} has action space {action_space}; allowed: Discrete or a bounded 1-D Box "
+                         f"of size >= 1")
+    with warnings.catch_warnings():  # gymnasium's env checker warns about it too: the error line says it once
+        warnings.simplefilter("ignore")
+        try:
+            shape = np.shape(envs.reset(seed=0)[0])[1:]
+            problem = f"reset returned observations of shape {shape}" * (shape != observation_space.shape)
+        except Exception as e:  # e.g. a vector env that cannot stack what its envs' reset returned
+            problem = f"reset failed ({type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]})"
+    if problem:
+        raise ValueError(f"env {env_id!r}: {problem}, its observation space is {observation_space}; allowed: an "
+                         f"env whose observations fit its observation space")
 
 
 def validate(args: Args) -> None:
@@ -1025,6 +1112,15 @@ def validate(args: Args) -> None:
                          f"--resume {args.run_dir}")
     if run_dir and os.path.isdir(run_dir):
         os.close(lock_run_dir(run_dir))
+    place = os.path.abspath(run_dir or "runs")
+    while not os.path.exists(place):  # the directory that will hold it
+        place = os.path.dirname(place)
+    try:  # a real write (as root, permission bits say nothing): a directory made and removed again
+        os.rmdir(tempfile.mkdtemp(prefix=".funcpg-check-", dir=place))
+    except OSError as e:
+        flag = f"--run-dir {run_dir!r}" if run_dir else "the default run directory runs/"
+        raise ValueError(f"{flag}: cannot write in {place!r} ({e.strerror or e}); allowed: a place you can "
+                         f"write") from None
     for flag, module in [("--tensorboard", "tensorboard"), ("--capture-video", "moviepy")]:
         try:
             getattr(args, flag[2:].replace("-", "_")) and importlib.import_module(module)
@@ -1089,6 +1185,20 @@ def parse_args(default: Optional[Args] = None, argv: Optional[list[str]] = None)
     return args
 
 
+def fits(value, hint) -> bool:
+    """Whether a value read from a checkpoint has the type of an Args field (an int is a float too)."""
+    origin, inner = get_origin(hint), get_args(hint)
+    if origin is Union:
+        return any(fits(value, h) for h in inner)
+    if origin is Literal:
+        return value in inner
+    if origin is tuple:
+        return isinstance(value, (list, tuple)) and all(fits(v, inner[0]) for v in value)
+    if hint is float:
+        return type(value) in (int, float)
+    return type(value) is hint
+
+
 def command_line() -> Args:
     """Args from the command line (on --resume, the checkpoint's settings are the defaults that flags override),
     checked by validate; bad input: one `error:` line, exit 2. Says which continuous-action defaults it took."""
@@ -1099,8 +1209,16 @@ def command_line() -> Args:
             if ":" in str(saved.get("env_id")) and saved["env_id"] != args.env_id:  # import only what the user typed
                 raise ValueError(f"--resume {args.resume!r}: the checkpoint's env {saved['env_id']!r} imports a "
                                  f"module; allowed: repeat --env-id {saved['env_id']} on the command line to run it")
-            fields = {f.name for f in dataclasses.fields(Args)}
-            defaults = Args(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items() if k in fields})
+            hints = get_type_hints(Args)
+            wrong = next((k for k, v in saved.items() if k in hints and not fits(v, hints[k])), None)
+            if wrong:
+                kind = re.sub(r"<class '(\w+)'>", r"\1", str(hints[wrong])).replace("typing.", "")
+                raise ValueError(f"--resume {args.resume!r}: damaged checkpoint: its {wrong} is {saved[wrong]!r}, "
+                                 f"not of type {kind}")
+            try:
+                defaults = Args(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items() if k in hints})
+            except ValueError as e:
+                raise ValueError(f"--resume {args.resume!r}: damaged checkpoint: {e}") from None
             args = parse_args(default=dataclasses.replace(defaults, resume=args.resume, run_dir=None))
         validate(args)
     except ValueError as e:
@@ -1118,10 +1236,11 @@ def run_command_line(train) -> None:
     args = command_line()
     try:
         result = train(args)
-    except RunDirInUse as e:  # another process took the directory since validate looked
+    except (RunDirInUse, StateMismatch) as e:  # another process took the directory since validate looked; a
+        # checkpoint whose tensors do not fit (found as the run starts, before it writes anything)
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    except NonFiniteLoss as e:
+    except (NonFiniteLoss, OSError) as e:  # OSError: the run directory could not be written (e.g. a full disk)
         print("\n" * sys.stdout.isatty(), end="")  # end the progress line
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)

@@ -216,6 +216,22 @@ TESTENVS = textwrap.dedent('''
             return self.observation_space.sample(), {}
 
 
+    class WrongShapeReset(Tiny):
+        """reset returns 4 numbers where the observation space says 3."""
+
+        def reset(self, *, seed=None, options=None):
+            super().reset(seed=seed)
+            return np.zeros(4, np.float32), {}
+
+
+    class EmptyObservations(Tiny):
+        observation_space = spaces.Box(-1.0, 1.0, (0,), np.float32)
+
+
+    class EmptyActions(Tiny):
+        action_space = spaces.Box(-1.0, 1.0, (0,), np.float32)
+
+
     def _same_step_vector_env(num_envs=1, **kwargs):
         return gym.vector.SyncVectorEnv([Tiny for _ in range(num_envs)],
                                         autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
@@ -226,6 +242,9 @@ TESTENVS = textwrap.dedent('''
     gym.register("ShiftedDiscrete-v0", entry_point=ShiftedDiscrete, max_episode_steps=50)
     gym.register("MultiDiscrete-v0", entry_point=MultiDiscreteActions, max_episode_steps=50)
     gym.register("DictObs-v0", entry_point=DictObservations, max_episode_steps=50)
+    gym.register("WrongShapeReset-v0", entry_point=WrongShapeReset, max_episode_steps=50)
+    gym.register("EmptyObs-v0", entry_point=EmptyObservations, max_episode_steps=50)
+    gym.register("EmptyActions-v0", entry_point=EmptyActions, max_episode_steps=50)
     gym.register("SameStepAutoreset-v0", entry_point=Tiny, vector_entry_point=_same_step_vector_env,
                  max_episode_steps=50)
 ''')

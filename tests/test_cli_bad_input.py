@@ -51,6 +51,13 @@ BAD_INPUT = [
     *bad([R, AC], ["--env-id", "testenvs:MultiDiscrete-v0"], ["testenvs:MultiDiscrete-v0", "MultiDiscrete"],
          "multidiscrete-actions"),
     *bad([R, RB], ["--env-id", "testenvs:DictObs-v0"], ["testenvs:DictObs-v0", "Dict"], "dict-observations"),
+    *bad([R, AC], ["--env-id", "testenvs:WrongShapeReset-v0"], ["testenvs:WrongShapeReset-v0", "reset", "(3,)"],
+         "reset-of-the-wrong-shape"),
+    *bad([RB], ["--env-id", "testenvs:EmptyObs-v0"], ["testenvs:EmptyObs-v0", "size >= 1"], "empty-observations"),
+    *bad([AC], ["--env-id", "testenvs:EmptyActions-v0"], ["testenvs:EmptyActions-v0", "size >= 1"], "empty-actions"),
+    # where the run writes
+    *bad([R, AC], ["--run-dir", "/proc/funcpg-run"], ["--run-dir", "/proc", "cannot write"], "run-dir-in-proc"),
+    *bad([RB], ["--run-dir", "{tmp}/a_file/run"], ["--run-dir", "a_file", "cannot write"], "run-dir-under-a-file"),
     # numbers
     *bad(ALL, ["--gamma", "2.0"], ["--gamma", "2.0"], "gamma-2"),
     *bad([R], ["--gamma", "nan"], ["--gamma", "nan"], "gamma-nan"),

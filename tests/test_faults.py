@@ -4,6 +4,8 @@ over a directory that holds one."""
 
 from __future__ import annotations
 
+import copy
+import shutil
 import signal
 import subprocess
 import sys
@@ -11,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from cli_helpers import REPO, SCRIPTS, script_path
 
@@ -178,3 +181,133 @@ def test_a_checkpoint_does_not_choose_a_module_to_import(tmp_path):
     r = subprocess.run(command("reinforce", "--resume", run_dir, "--env-id", "planted:Planted-v0", "--total-timesteps",
                                1000, "--quiet"), cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and (tmp_path / "imported").exists(), r.stderr
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# hand-edited checkpoints: refused before anything in the run directory is touched
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def first_param(c: dict) -> str:
+    return sorted(c["params"])[0]
+
+
+def edited(change):
+    def edit(c: dict) -> dict:
+        c = copy.deepcopy(c)
+        change(c)
+        return c
+    return edit
+
+
+# name -> (edit of the checkpoint dict, a fragment the error line must hold)
+EDITS = {
+    "param-shape": (edited(lambda c: c["params"].update({first_param(c): c["params"][first_param(c)][..., :-1]})),
+                    "params/"),
+    "adam-moment-shape": (edited(lambda c: c["opt_state"]["exp_avg"].update(
+        {first_param(c): c["opt_state"]["exp_avg"][first_param(c)][..., :-1]})), "opt_state/exp_avg/"),
+    "adam-step-shape": (edited(lambda c: c["opt_state"].update(step=torch.zeros(3))), "opt_state/step"),
+    "param-missing": (edited(lambda c: c["params"].pop(first_param(c))), "is missing"),
+    "param-extra": (edited(lambda c: c["params"].update(extra=torch.zeros(1, 3))), "params/extra"),
+    "float64-params": (edited(lambda c: c.update(params={k: v.double() for k, v in c["params"].items()})), "float64"),
+    "norm-missing": (edited(lambda c: c.update(norm={})), "norm/"),
+    "args-wrong-type": (edited(lambda c: c["args"].update(gamma="high")), "gamma"),
+    "args-bad-value": (edited(lambda c: c["args"].update(gamma=5.0)), "gamma"),
+    "args-not-a-dict": (edited(lambda c: c.update(args=5)), "args"),
+    "agent-without-seed": (edited(lambda c: c["agents"][0].pop("seed")), "agents"),
+    "global-step-not-a-number": (edited(lambda c: c.update(global_step=["x"])), "global_step"),
+    "negative-counter": (edited(lambda c: c.update(num_updates=[-3])), "num_updates"),
+    "rng-state-float": (edited(lambda c: c.update(rng_state=c["rng_state"].float())), "rng_state"),
+    "rng-state-rows": (edited(lambda c: c.update(rng_state=torch.cat([c["rng_state"]] * 2))), "generator states"),
+    "recent-returns-text": (edited(lambda c: c.update(recent_returns=[["a"]])), "recent_returns"),
+    "csv-size-past-the-file": (edited(lambda c: c["csv_sizes"].update({"episodes.csv": 10**12})), "csv_sizes"),
+    "wall-time-text": (edited(lambda c: c.update(wall_time="x")), "wall_time"),
+}
+
+
+@pytest.fixture(scope="module")
+def small_runs(tmp_path_factory) -> dict[str, Path]:
+    """A finished 2,000-step CartPole run of each script (copied by the tests, never touched)."""
+    base = tmp_path_factory.mktemp("small_runs")
+    for script in SCRIPTS:
+        subprocess.run(command(script, "--total-timesteps", 2000, "--eval-every", 0, "--run-dir", base / script,
+                               "--quiet"), check=True, capture_output=True, timeout=120)
+    return {script: base / script for script in SCRIPTS}
+
+
+def contents(directory: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("case", list(EDITS))
+def test_a_hand_edited_checkpoint_is_refused_before_anything_is_written(tmp_path, small_runs, case):
+    """Each edit (wrong shapes, dtypes, missing or extra entries, flags of the wrong type or value, bad counters,
+    RNG states, CSV sizes) is one error line naming what is wrong, exit 2, and the run directory byte for byte as
+    it was (the scripts take turns, so each one meets several of these)."""
+    script = SCRIPTS[list(EDITS).index(case) % len(SCRIPTS)]
+    edit, fragment = EDITS[case]
+    run_dir = tmp_path / "run"
+    shutil.copytree(small_runs[script], run_dir)
+    torch.save(edit(torch.load(run_dir / "checkpoint.pt", weights_only=True)), run_dir / "checkpoint.pt")
+    before = contents(run_dir)
+    r = subprocess.run(command(script, "--resume", run_dir, "--total-timesteps", 4000), cwd=tmp_path,
+                       capture_output=True, text=True, timeout=120)
+    one_error_line(r, "--resume", fragment)
+    assert contents(run_dir) == before, "the refused resume changed the run directory"
+
+
+def test_resuming_actor_critic_with_another_num_envs_is_refused_by_name(tmp_path, small_runs):
+    """actor_critic's state holds each env's running discounted return: a resume with another --num-envs cannot
+    use it, and says which entry does not fit (it used to crash in the first update)."""
+    shutil.copytree(small_runs["actor_critic"], tmp_path / "run")
+    before = contents(tmp_path / "run")
+    r = subprocess.run(command("actor_critic", "--resume", tmp_path / "run", "--num-envs", 8), cwd=tmp_path,
+                       capture_output=True, text=True, timeout=120)
+    one_error_line(r, "norm/running_return", "(1, 8)")
+    assert contents(tmp_path / "run") == before
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# places that cannot be written
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_an_unwritable_default_run_directory_is_one_error_line_before_any_work(tmp_path):
+    """Without --run-dir the run goes under runs/; where that cannot be made (here runs is a file), the error line
+    says so before any work."""
+    (tmp_path / "runs").write_text("a file, not a directory\n")
+    r = subprocess.run(command("reinforce_baseline", "--total-timesteps", 1000), cwd=tmp_path, capture_output=True,
+                       text=True, timeout=120)
+    one_error_line(r, "runs/", "cannot write")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["runs"]
+
+
+def limit_file_size(size: int):
+    def limit() -> None:  # in the child: files may not grow past `size` bytes (as on a disk that is nearly full)
+        import resource
+        resource.setrlimit(resource.RLIMIT_FSIZE, (size, size))
+    return limit
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_a_checkpoint_that_cannot_be_written_is_one_error_line_and_the_previous_one_is_kept(tmp_path, small_runs,
+                                                                                              script):
+    """A save that fails (a full disk; here a file-size limit below the checkpoint's size) ends the run with one
+    error line naming the file, exit 1; the previous checkpoint is intact, no temp file is left behind, and the run
+    resumes from it once the space is there."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(small_runs[script], run_dir)
+    saved = (run_dir / "checkpoint.pt").read_bytes()
+    assert len(saved) > 30_000
+    r = subprocess.run(command(script, "--resume", run_dir, "--total-timesteps", 6000), cwd=tmp_path,
+                       capture_output=True, text=True, timeout=120, preexec_fn=limit_file_size(30_000))
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert r.returncode == 1 and len(lines) == 1 and "Traceback" not in r.stderr, (r.returncode, r.stderr)
+    assert lines[0].startswith("error: cannot save") and "checkpoint.pt" in lines[0], lines[0]
+    assert (run_dir / "checkpoint.pt").read_bytes() == saved
+    assert sorted(p.name for p in run_dir.iterdir()) == sorted(
+        ["checkpoint.pt", "config.json", "episodes.csv", "updates.csv", "eval.csv"])
+    r = subprocess.run(command(script, "--resume", run_dir, "--total-timesteps", 6000, "--quiet"), cwd=tmp_path,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert min(torch.load(run_dir / "checkpoint.pt", weights_only=True)["global_step"]) >= 6000
