@@ -607,8 +607,9 @@ class NonFiniteLoss(RuntimeError):
 
 
 @contextlib.contextmanager
-def ctrl_c_deferred():
-    """Hold a Ctrl-C (SIGINT) that arrives inside the block and raise it as KeyboardInterrupt at its end."""
+def ctrl_c_deferred(drop: bool = False):
+    """Hold a Ctrl-C (SIGINT) that arrives inside the block and raise it as KeyboardInterrupt at its end (drop: let
+    it go, e.g. a second Ctrl-C while the first one's checkpoint is being saved)."""
     if threading.current_thread() is not threading.main_thread():  # signal handlers live in the main thread
         yield
         return
@@ -618,7 +619,7 @@ def ctrl_c_deferred():
         yield
     finally:
         signal.signal(signal.SIGINT, previous)
-    if received:
+    if received and not drop:
         raise KeyboardInterrupt
 
 
@@ -726,6 +727,10 @@ def check_state(path: str, checkpoint: dict, fresh: tuple, num_generators: int) 
                    f"{key} is {kind(got[key])}, expected {kind(want[key])}" * (kind(got[key]) != kind(want[key])))
         if problem:
             raise StateMismatch(f"--resume {path!r}: the checkpoint's state does not fit these flags: {problem}")
+    bad = next((k for k in sorted(got) if got[k].is_floating_point() and not torch.isfinite(got[k]).all()), None)
+    if bad:
+        raise StateMismatch(f"--resume {path!r}: the checkpoint's {bad} holds non-finite values (nan or inf); "
+                            f"allowed: a checkpoint of a finite state")
     if len(checkpoint["rng_state"]) != num_generators:
         raise StateMismatch(f"--resume {path!r}: the checkpoint has {len(checkpoint['rng_state'])} generator states, "
                             f"expected {num_generators}")
@@ -945,7 +950,8 @@ class Run:
         """On Ctrl-C: save the state at the last completed update (the interrupted batch is not part of the run)."""
         if kind is KeyboardInterrupt:
             self.interrupted = True
-            save_checkpoint(self.path, self.last_good)
+            with ctrl_c_deferred(drop=True):  # pressing Ctrl-C again does not cut the save short
+                save_checkpoint(self.path, self.last_good)
         if kind is not None and kind is not KeyboardInterrupt:
             os.close(self.lock)  # the run stops here: let the user resume it from this process too
         return kind is KeyboardInterrupt
@@ -1209,9 +1215,12 @@ def command_line() -> Args:
 def run_command_line(train) -> None:
     """main(): train on the command line's Args; a non-finite loss: one `error:` line, exit 1. Then the summary
     line, or after Ctrl-C the command that continues the run (exit 130)."""
-    args = command_line()
     try:
+        args = command_line()
         result = train(args)
+    except KeyboardInterrupt:  # Ctrl-C before training began (after it, the run saves and returns "interrupted")
+        print("\n" * sys.stdout.isatty() + "interrupted during start-up, before the first update (nothing was trained)")
+        sys.exit(130)
     except (RunDirInUse, StateMismatch) as e:  # another process took the directory since validate looked; a
         # checkpoint whose tensors do not fit (found as the run starts, before it writes anything)
         print(f"error: {e}", file=sys.stderr)

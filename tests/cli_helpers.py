@@ -232,6 +232,15 @@ TESTENVS = textwrap.dedent('''
         action_space = spaces.Box(-1.0, 1.0, (0,), np.float32)
 
 
+    class CtrlCOnMake(Tiny):
+        """As if the user pressed Ctrl-C while the script starts up (it makes its envs before any training)."""
+
+        def __init__(self):
+            import os
+            import signal
+            os.kill(os.getpid(), signal.SIGINT)
+
+
     def _same_step_vector_env(num_envs=1, **kwargs):
         return gym.vector.SyncVectorEnv([Tiny for _ in range(num_envs)],
                                         autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
@@ -245,6 +254,7 @@ TESTENVS = textwrap.dedent('''
     gym.register("WrongShapeReset-v0", entry_point=WrongShapeReset, max_episode_steps=50)
     gym.register("EmptyObs-v0", entry_point=EmptyObservations, max_episode_steps=50)
     gym.register("EmptyActions-v0", entry_point=EmptyActions, max_episode_steps=50)
+    gym.register("CtrlCOnMake-v0", entry_point=CtrlCOnMake, max_episode_steps=50)
     gym.register("SameStepAutoreset-v0", entry_point=Tiny, vector_entry_point=_same_step_vector_env,
                  max_episode_steps=50)
 ''')

@@ -18,6 +18,7 @@ import os
 import re
 import signal
 import subprocess
+import textwrap
 import time
 from pathlib import Path
 
@@ -26,7 +27,7 @@ import torch
 
 from cli_helpers import (AC, EXACT_RESUME, FULL, HALF, R, RB, REFERENCE, SCRIPTS, assert_continued_rows, assert_ok,
                          assert_one_adam_step, describe, load_checkpoint, load_raw_checkpoint, popen_script, read_csv,
-                         rollout_size, run_script, script_path, steps, up_to, without)
+                         rollout_size, run_script, script_path, steps, up_to, without, write_testenvs)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -264,3 +265,47 @@ def test_annealed_run_interrupted_and_resumed_with_its_own_flags_is_exact(tmp_pa
     assert straight["global_step"] == resumed["global_step"]
     for k in straight["params"]:
         assert torch.equal(straight["params"][k], resumed["params"][k]), k
+
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 4. Ctrl-C at other moments
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("script", [R, AC])
+def test_ctrl_c_during_start_up_is_one_line_and_exit_130(tmp_path, script):
+    """Ctrl-C while the script sets up (here: while it makes the env) ends it with one line, exit 130, no traceback,
+    and no run directory."""
+    r = run_script(script, "--env-id", "testenvs:CtrlCOnMake-v0", "--run-dir", "run", cwd=tmp_path,
+                   env=write_testenvs(tmp_path))
+    assert r.returncode == 130, describe(r)
+    assert "Traceback" not in r.stdout + r.stderr and r.stderr.strip() == "", describe(r)
+    assert "interrupted during start-up" in r.stdout, describe(r)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_second_ctrl_c_while_the_checkpoint_is_saved_does_not_cut_the_save_short(tmp_path):
+    """A Ctrl-C arrives as every checkpoint save starts (torch.save wrapped, a deterministic point): the first one,
+    during a periodic save, stops the run after it; the second, as the run saves its state on the way out, must
+    not interrupt that save. Exit 130, the usual line, a checkpoint that resumes."""
+    wrapper = tmp_path / "ctrl_c_at_every_save.py"
+    wrapper.write_text(textwrap.dedent(f"""
+        import os, runpy, signal, sys
+        import torch
+        save = torch.save
+        def save_after_a_ctrl_c(*args, **kwargs):
+            os.kill(os.getpid(), signal.SIGINT)
+            return save(*args, **kwargs)
+        torch.save = save_after_a_ctrl_c
+        sys.argv[0] = {str(script_path(R))!r}
+        runpy.run_path(sys.argv[0], run_name="__main__")
+    """))
+    r = run_script(R, "--total-timesteps", 50_000, "--save-every", 2000, "--eval-every", 0, "--run-dir", "run",
+                   cwd=tmp_path, path=wrapper)
+    assert r.returncode == 130 and "Traceback" not in r.stdout + r.stderr, describe(r)
+    assert "interrupted, checkpoint saved" in r.stdout, describe(r)
+    ckpt = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
+    assert 2000 <= ckpt["global_step"] < 50_000
+    assert_ok(run_script(R, "--resume", tmp_path / "run", "--total-timesteps", ckpt["global_step"] + 1000,
+                         "--quiet", cwd=tmp_path))

@@ -222,6 +222,7 @@ EDITS = {
     "recent-returns-text": (edited(lambda c: c.update(recent_returns=[["a"]])), "recent_returns"),
     "csv-size-past-the-file": (edited(lambda c: c["csv_sizes"].update({"episodes.csv": 10**12})), "csv_sizes"),
     "wall-time-text": (edited(lambda c: c.update(wall_time="x")), "wall_time"),
+    "nan-parameters": (edited(lambda c: c["params"][first_param(c)].view(-1)[0].fill_(float("nan"))), "non-finite"),
 }
 
 
