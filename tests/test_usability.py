@@ -13,7 +13,7 @@ import pytest
 import funcpg.actor_critic
 import funcpg.reinforce
 import funcpg.reinforce_baseline
-from cli_helpers import assert_ok, run_script
+from cli_helpers import assert_ok, read_config, run_script
 from helpers import read_rows
 
 REPO = Path(__file__).resolve().parents[1]
@@ -84,3 +84,60 @@ def test_a_new_metric_is_one_edit_and_a_new_column(tmp_path, monkeypatch, script
     values = [float(r["mean_reward"]) for r in read_rows(tmp_path / "run" / "updates.csv")]
     assert values and all(v > 0 for v in values), values  # CartPole: reward 1 per step
     assert result["global_step"][0] >= 2000
+
+
+def readme_recipes() -> list[tuple[str, str, list[str]]]:
+    """(env, script, flags) of every command in the README's "Flags per env" table."""
+    text = (REPO / "README.md").read_text()
+    section = text.split("### Flags per env", 1)[1].split("\n#", 1)[0]
+    recipes = []
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) < 2 or not cells[1].startswith("`"):
+            continue
+        words = cells[1].split("`")[1].split()  # the command between the first two backticks
+        scripts = list(MODULES) if words[0] == "SCRIPT.py" else [words[0][: -len(".py")]]
+        for script in scripts:
+            recipes.append((cells[0], script, words[1:]))
+    return recipes
+
+
+def same(stored, shown) -> bool:
+    """A config.json value equals the flag's text as typed (0 and 0.0 alike)."""
+    try:
+        return float(stored) == float(shown)
+    except (TypeError, ValueError):
+        return str(stored) == str(shown)
+
+
+def test_the_readme_recipes_per_env_name_every_env_and_run(tmp_path):
+    """Each command of the README's per-env table runs as written (a tiny budget appended: the last flag wins) and
+    trains with the values it shows, so the table cannot drift from the scripts' flags."""
+    recipes = readme_recipes()
+    assert {env for env, _, _ in recipes} >= {"CartPole-v1", "Acrobot-v1", "Pendulum-v1", "LunarLander-v3",
+                                              "MountainCarContinuous-v0"}, recipes
+    for i, (env, script, flags) in enumerate(recipes):
+        assert script in MODULES, (env, script)
+        if "--env-id" not in flags:
+            flags = [*flags, "--env-id", env]
+        assert flags[flags.index("--env-id") + 1] == env, (env, flags)
+        run(script, *flags, "--total-timesteps", "600", "--eval-every", "0", "--quiet", "--run-dir", f"r{i}",
+            cwd=tmp_path)
+        config = read_config(tmp_path / f"r{i}")
+        for flag, value in zip(flags, [*flags[1:], "--"]):
+            if flag.startswith("--") and flag != "--total-timesteps":
+                field = flag[2:].replace("-", "_")
+                shown = True if value.startswith("--") else value
+                stored = config[field][0] if isinstance(config[field], list) else config[field]
+                assert same(stored, shown), (env, script, flag, stored)
+
+
+@pytest.mark.parametrize("num_seeds", ["1", "2"])
+def test_a_run_that_ends_before_any_episode_says_so_instead_of_nan(tmp_path, num_seeds):
+    """actor_critic's first update comes after 64 steps of Pendulum's 200-step episodes: the closing line says that
+    no episode has finished (it used to print a mean return of nan)."""
+    r = run("actor_critic", "--env-id", "Pendulum-v1", "--total-timesteps", "64", "--num-seeds", num_seeds,
+            "--eval-every", "0", "--run-dir", "run", cwd=tmp_path)
+    last = r.stdout.strip().splitlines()[-1]
+    assert last.startswith("done: 64 steps, no episode finished yet;"), last
+    assert "nan" not in r.stdout.lower(), r.stdout
