@@ -1250,11 +1250,13 @@ def run_command_line(train) -> None:
         sys.exit(1)
     returns = result["recent_returns"]
     means = [np.mean(r) for r in returns if r]  # agents with a finished episode
-    summary = ("no episode finished yet" if not means else
-               f"mean return of the last {len(returns[0])} episodes {means[0]:.1f}" if len(returns) == 1 else
-               f"{len(returns)} agents, mean return of each one's last 100 episodes"
-               f"{'' if len(means) == len(returns) else f' ({len(means)} have finished one)'}: "
-               f"mean {np.mean(means):.1f}, min {np.min(means):.1f}, max {np.max(means):.1f}")
+    if not means:
+        summary = "no episode finished yet"
+    elif len(returns) == 1:
+        summary = f"mean return of the last {len(returns[0])} episodes {means[0]:.1f}"
+    else:
+        summary = (f"{len(returns)} agents ({len(means)} with an episode), mean return of each one's last 100 "
+                   f"episodes: mean {np.mean(means):.1f}, min {np.min(means):.1f}, max {np.max(means):.1f}")
     if result["interrupted"]:
         print("\n" * sys.stdout.isatty() + f"interrupted, checkpoint saved: {min(result['global_step']):,} steps, "
               f"{summary}; continue with: {program()} --resume {result['run_dir']}")
