@@ -13,6 +13,7 @@ Bootstrapping: after a termination the value is 0; after a time-limit truncation
 observation (NEXT_STEP autoreset returns it as s_{t+1}); at the end of the rollout V(next observation). A_t and
 R_t are constants for the gradient. Policy and critic are separate MLPs (--shared-trunk: shared hidden layers)
 under one optimizer and one gradient clip. The step after a done only resets its env: masked out of the loss.
+Continuous actions: a diagonal Gaussian; --gsde-every K: gSDE, noise features(s) @ W with W held for K steps.
 Episodes run across rollouts, so a resumed run starts its envs afresh (parameters, counters, RNG continue).
 
 --num-seeds K and several --learning-rate / --ent-coef values train agents at once: stacked parameters, a vmap-ed
@@ -108,8 +109,7 @@ class Args:
     gae_lambda: float = 1.0
     """GAE lambda in [0, 1]: 1 = n-step bootstrapped returns, 0 = one-step TD (continuous actions: 0.95)"""
     normalize_advantages: bool = False
-    """standardize the advantages over the rollout (mean 0, std 1) before the policy loss (once an agent is good,
-    its advantages are mostly noise, and standardizing blows the noise up to full-size steps)"""
+    """standardize the advantages over the rollout (off: once an agent is good, it would blow noise up to full steps)"""
     vf_coef: float = 0.5
     """weight of the value loss"""
     ent_coef: tuple[float, ...] = (0.0,)
@@ -122,20 +122,22 @@ class Args:
     """policy and critic share their hidden layers (separate networks by default)"""
     log_std_init: float = 0.0
     """initial log standard deviation of the Gaussian policy (continuous actions)"""
+    gsde_every: int = 0
+    """gSDE (continuous actions): the noise is features @ W, W ~ N(0, exp(log_std)^2) per (feature, action) held
+    for this many steps (0 = off: fresh noise each step); take --log-std-init -2 with it"""
     normalize_obs: bool = False
     """standardize observations by their running mean and variance, clip to [-10, 10] (continuous actions: on)"""
     normalize_reward: bool = False
     """divide rewards by the running std of the discounted return, clip to [-10, 10] (continuous actions: on)"""
 
-
     def __post_init__(self):  # a bad value is one error line before any work (check_args: below the marker)
-        check_args(self, gae_lambda="[0, 1]", vf_coef="[0, inf)")
+        check_args(self, gae_lambda="[0, 1]", vf_coef="[0, inf)", gsde_every="[0, inf)")
 
 
 # Continuous actions (a Box action space) change these defaults of the command line; flags given still win.
 CONTINUOUS_DEFAULTS = {"num_envs": 8, "num_steps": 8, "gamma": 0.9, "gae_lambda": 0.95, "normalize_obs": True,
                        "normalize_reward": True}
-ARCHITECTURE = ("hidden_sizes", "shared_trunk")  # the flags that shape the parameters: a resumed run keeps them
+ARCHITECTURE = ("hidden_sizes", "shared_trunk", "gsde_every")  # flags that shape the parameters: a resume keeps them
 
 
 def make_env(env_id: str, num_envs: int) -> gym.vector.VectorEnv:
@@ -148,11 +150,11 @@ def make_env(env_id: str, num_envs: int) -> gym.vector.VectorEnv:
 
 
 def init_params(obs_dim: int, action_dim: int, hidden_sizes: tuple[int, ...], continuous: bool,
-                generator: torch.Generator, shared_trunk: bool = False,
-                log_std_init: float = 0.0) -> dict[str, torch.Tensor]:
+                generator: torch.Generator, shared_trunk: bool = False, log_std_init: float = 0.0,
+                gsde: bool = False) -> dict[str, torch.Tensor]:
     """Policy "pi.*" and critic "v.*" MLPs, or (shared_trunk) hidden layers "trunk.*" with two linear heads:
     orthogonal init (gain sqrt(2) for hidden layers, 0.01 for the policy's output, 1 for the value's), zero
-    biases; the Gaussian's log-std (continuous actions) = log_std_init."""
+    biases; the Gaussian's log-std (continuous actions) = log_std_init: "pi.log_std", or gSDE's "pi.sde_log_std"."""
     params = {}
     trunk_sizes = [obs_dim, *hidden_sizes] if shared_trunk and hidden_sizes else [obs_dim]
     for i, (n_in, n_out) in enumerate(zip(trunk_sizes[:-1], trunk_sizes[1:])):
@@ -167,27 +169,25 @@ def init_params(obs_dim: int, action_dim: int, hidden_sizes: tuple[int, ...], co
             params[f"{prefix}.{i}.weight"] = torch.nn.init.orthogonal_(torch.empty(n_out, n_in), gain,
                                                                        generator=generator)
             params[f"{prefix}.{i}.bias"] = torch.zeros(n_out)
-    if continuous:
-        params["pi.log_std"] = torch.full((action_dim,), float(log_std_init))
+    if continuous:  # gSDE: one per (feature of the policy's last hidden layer, action)
+        shape = ((*trunk_sizes, *head_hidden)[-1], action_dim) if gsde else (action_dim,)
+        params["pi.sde_log_std" if gsde else "pi.log_std"] = torch.full(shape, float(log_std_init))
     return params
 
 
 def trunk(params: dict[str, torch.Tensor], obs: torch.Tensor) -> torch.Tensor:
     """The shared hidden layers (tanh) if there are any (--shared-trunk), else obs itself."""
-    i = 0
-    while f"trunk.{i}.weight" in params:
-        obs = torch.tanh(linear(obs, params[f"trunk.{i}.weight"], params[f"trunk.{i}.bias"]))
-        i += 1
-    return obs
+    return torch.tanh(mlp(params, "trunk", obs)) if "trunk.0.weight" in params else obs
 
 
-def mlp(params: dict[str, torch.Tensor], prefix: str, x: torch.Tensor) -> torch.Tensor:
-    """The tanh MLP of params[f"{prefix}.{i}.weight" / ".bias"], i = 0, 1, ..."""
+def mlp(params: dict[str, torch.Tensor], prefix: str, x: torch.Tensor, features: bool = False):
+    """The tanh MLP of params[f"{prefix}.{i}.weight" / ".bias"], i = 0, 1, ...; features: (output, last hidden)."""
     i = 0
     while f"{prefix}.{i + 1}.weight" in params:
         x = torch.tanh(linear(x, params[f"{prefix}.{i}.weight"], params[f"{prefix}.{i}.bias"]))
         i += 1
-    return linear(x, params[f"{prefix}.{i}.weight"], params[f"{prefix}.{i}.bias"])
+    out = linear(x, params[f"{prefix}.{i}.weight"], params[f"{prefix}.{i}.bias"])
+    return (out, x) if features else out
 
 
 def value(params: dict[str, torch.Tensor], obs: torch.Tensor) -> torch.Tensor:
@@ -195,13 +195,21 @@ def value(params: dict[str, torch.Tensor], obs: torch.Tensor) -> torch.Tensor:
     return mlp(params, "v", trunk(params, obs)).squeeze(-1)
 
 
+def gaussian_log_std(params: dict[str, torch.Tensor], out: torch.Tensor, features: torch.Tensor):
+    """The Gaussian's log-std per action, shaped like its mean `out` (None: a Categorical): params["pi.log_std"], or
+    gSDE's: of features @ W, W ~ N(0, exp(sde_log_std)^2), with the features a constant (learned via the mean)."""
+    if "pi.sde_log_std" in params:
+        return 0.5 * torch.log(features.detach().square() @ torch.exp(2.0 * params["pi.sde_log_std"]) + 1e-6)
+    return params["pi.log_std"].unsqueeze(-2).expand_as(out) if "pi.log_std" in params else None
+
+
 def log_prob_entropy(params: dict[str, torch.Tensor], obs: torch.Tensor,
                      actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """log pi(a|s) and the entropy of pi(.|s), both [...] for obs [..., obs_dim]: a Categorical over the logits, or a
-    diagonal Gaussian (mean = the MLP's output, state-independent params["pi.log_std"]; a = the unclipped sample)."""
-    out = mlp(params, "pi", trunk(params, obs))
-    if "pi.log_std" in params:
-        log_std = params["pi.log_std"].expand_as(out)
+    diagonal Gaussian (mean = the MLP's output, log-std gaussian_log_std; a = the unclipped sample)."""
+    out, features = mlp(params, "pi", trunk(params, obs), features=True)
+    log_std = gaussian_log_std(params, out, features)
+    if log_std is not None:
         z = (actions - out) * torch.exp(-log_std)
         log_prob = (-0.5 * z.square() - log_std - 0.5 * LOG_2PI).sum(-1)
         entropy = (log_std + 0.5 * (1.0 + LOG_2PI)).sum(-1)
@@ -215,10 +223,14 @@ def log_prob_entropy(params: dict[str, torch.Tensor], obs: torch.Tensor,
 def sample_action(params: dict[str, torch.Tensor], obs: torch.Tensor, noise: torch.Tensor,
                   temperature: float = 1.0) -> torch.Tensor:
     """a ~ pi(.|obs) with plain tensor ops, for one agent (obs [M, obs_dim]) or stacked agents (obs [A, M, obs_dim]):
-    Gumbel-max argmax(logits / T + noise), or mean + T * std * noise. Temperature 0: the greedy action / the mean."""
-    out = mlp(params, "pi", trunk(params, obs))
-    if "pi.log_std" in params:
-        return out if temperature == 0.0 else out + temperature * params["pi.log_std"].exp().unsqueeze(-2) * noise
+    Gumbel-max argmax(logits / T + noise), or mean + T * std * noise; with gSDE's W ~ N(0, 1) [..., M, features,
+    actions] as noise, mean + T * features @ (exp(sde_log_std) * W). Temperature 0: the greedy action / the mean."""
+    out, features = mlp(params, "pi", trunk(params, obs), features=True)
+    log_std = gaussian_log_std(params, out, features)
+    if log_std is not None:  # gSDE's W (held for --gsde-every steps) has a features dimension: features @ (std * W)
+        noise = ((features.unsqueeze(-2) @ (params["pi.sde_log_std"].exp().unsqueeze(-3) * noise)).squeeze(-2)
+                 if noise.dim() > out.dim() else log_std.exp() * noise)
+        return out if temperature == 0.0 else out + temperature * noise
     if temperature == 0.0:
         return out.argmax(-1)
     return (out / temperature + noise).argmax(-1) if temperature != 1.0 else (out + noise).argmax(-1)
@@ -245,10 +257,8 @@ def discounted_scan(x: torch.Tensor, a: torch.Tensor, init: torch.Tensor) -> tor
 def compute_advantages(rewards: torch.Tensor, values: torch.Tensor, terminated: torch.Tensor, dones: torch.Tensor,
                        gamma: float, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
     """GAE(lambda) advantages and lambda-returns, both [T, N], from rewards [T, N], values V(s_0..s_T) [T+1, N],
-    terminated and dones (terminated or truncated) [T, N].
-    delta_t = r_t + gamma * (1 - terminated_t) * V(s_{t+1}) - V(s_t): a truncated step bootstraps from V of its
-    final observation, a terminated one from 0, the last step of the rollout from V(next observation).
-    A_t = delta_t + gamma * lambda * (1 - done_t) * A_{t+1}: an advantage never reaches across an episode end."""
+    terminated and dones (terminated or truncated) [T, N], as in the module's docstring: a truncated step bootstraps
+    from V of its final observation, a terminated one from 0; an advantage never reaches across an episode end."""
     deltas = rewards + gamma * (1.0 - terminated) * values[1:] - values[:-1]
     advantages = discounted_scan(deltas, gamma * lam * (1.0 - dones), torch.zeros_like(rewards[0]))
     return advantages, advantages + values[:-1]
@@ -268,20 +278,9 @@ class Batch(NamedTuple):
     valid: torch.Tensor  # [T, N] 0.0 on the step after a done, which only resets its env
 
 
-def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return (x * mask).sum() / mask.sum().clamp(min=1.0)
-
-
-def normalize(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Standardize x over the masked entries (population std)."""
-    mean = masked_mean(x, mask)
-    return (x - mean) / (masked_mean((x - mean).square(), mask).sqrt() + 1e-8)
-
-
 def loss_fn(params: dict[str, torch.Tensor], batch: Batch, returns: torch.Tensor, advantages: torch.Tensor,
             ent_coef: float, vf_coef: float) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """-mean(log pi(a|s) * A) + vf_coef * mean((V(s) - R)^2) - ent_coef * mean(entropy) over the valid steps.
-    Returns (loss, (pg_loss, value_loss, entropy))."""
+    """-mean(log pi(a|s) * A) + vf_coef * mean((V(s) - R)^2) - ent_coef * mean(H), valid steps: (loss, (pg, v, H))."""
     log_prob, entropy = log_prob_entropy(params, batch.obs[:-1], batch.actions)
     pg_loss = -masked_mean(log_prob * advantages, batch.valid)
     mean_entropy = masked_mean(entropy, batch.valid)
@@ -290,8 +289,7 @@ def loss_fn(params: dict[str, torch.Tensor], batch: Batch, returns: torch.Tensor
 
 
 def norm_init(obs_dim: int, num_envs: int, device: torch.device) -> dict:
-    """One agent's normalization state: observation and return statistics (stats_init), and each env's running
-    discounted return (the carry of discounted_returns_so_far)."""
+    """One agent's normalization state: observation and return statistics, each env's running discounted return."""
     return {"obs": stats_init((obs_dim,), device), "return": stats_init((), device),
             "running_return": torch.zeros(num_envs, device=device)}
 
@@ -325,13 +323,14 @@ def make_agent_update(args: Args):
 
 class Rollout:
     """One vector env for all agents (agent a's sub-envs are a * N .. a * N + N - 1), its running state, and the
-    buffers [num_steps, A * N, ...] that collect() fills with one rollout of every agent."""
+    buffers [num_steps, A * N, ...] that collect() fills with one rollout of every agent (episodes run on)."""
 
-    def __init__(self, envs: gym.vector.VectorEnv, num_agents: int, num_steps: int, device: torch.device, seed: int):
-        """Resets the envs with `seed`; episodes then run on across rollouts."""
+    def __init__(self, envs: gym.vector.VectorEnv, num_agents: int, num_steps: int, device: torch.device, seed: int,
+                 gsde_every: int = 0):
         self.envs, self.num_agents, self.num_steps, self.device = envs, num_agents, num_steps, device
         space = envs.single_action_space
         self.continuous = isinstance(space, gym.spaces.Box)
+        self.gsde_every, self.steps_taken, self.gsde_noise = gsde_every * self.continuous, 0, None  # W: across rollouts
         self.action_dim = space.shape[0] if self.continuous else int(space.n)  # the policy's output size
         n, obs_shape = envs.num_envs, envs.single_observation_space.shape
         self.obs = np.zeros((num_steps + 1, n, *obs_shape), dtype=np.float32)  # numpy: ~1 us per step written
@@ -357,11 +356,15 @@ class Rollout:
             noise = action_noise((num_steps, num_agents, per, self.action_dim), self.continuous, generator,
                                  self.device)
             for t in range(num_steps):
+                if self.gsde_every and (self.steps_taken + t) % self.gsde_every == 0:  # a new gSDE W for every env
+                    self.gsde_noise = torch.randn((num_agents, per, *params["pi.sde_log_std"].shape[-2:]),
+                                                  generator=generator, device=self.device)
                 self.obs[t] = obs
                 obs_t = torch.from_numpy(self.obs[t]).to(self.device).view(num_agents, per, -1)
                 if obs_stats is not None:
                     obs_t = normalize_obs(obs_stats, obs_t)
-                action = sample_action(params, obs_t, noise[t]).view(n, *self.actions.shape[2:]).cpu().numpy()
+                action = sample_action(params, obs_t, noise[t] if self.gsde_noise is None else self.gsde_noise)
+                action = action.view(n, *self.actions.shape[2:]).cpu().numpy()
                 self.actions[t] = action
                 if self.continuous:
                     action = np.clip(action, self.envs.single_action_space.low, self.envs.single_action_space.high)
@@ -377,7 +380,7 @@ class Rollout:
                     episodes.append((int(i), t + 1, float(episode_return[i]), int(episode_length[i])))
                 episode_return[done], episode_length[done] = 0.0, 0
         self.obs[num_steps] = obs  # bootstraps the last step
-        self.next_obs, self.previous_done = obs, previous_done
+        self.next_obs, self.previous_done, self.steps_taken = obs, previous_done, self.steps_taken + num_steps
         batch = Batch(*(torch.from_numpy(x).to(self.device).view(x.shape[0], num_agents, -1, *x.shape[2:])
                         for x in (self.obs, self.actions, rewards, terms, dones, valid)))
         return batch, np.full(num_agents, num_steps), episodes
@@ -388,12 +391,14 @@ def train(args: Args) -> dict:
     run = Run(args)  # device, agents, counters, run directory and logs, the checkpoint to resume: below the marker
     num_agents = len(run.agents)
     rollout = Rollout(make_env(args.env_id, num_agents * args.num_envs), num_agents, args.num_steps, run.device,
-                      derived_seed(args.seed, 0, int(run.num_updates[0])))  # a resumed run starts its envs afresh
+                      derived_seed(args.seed, 0, int(run.num_updates[0])),  # a resumed run starts its envs afresh
+                      args.gsde_every)
     obs_dim = rollout.envs.single_observation_space.shape[0]
     generators = [torch.Generator(run.device).manual_seed(args.seed)]  # the action noise of every agent
     # agent i starts from exactly the parameters a one-agent run with its seed starts from
     params = [init_params(obs_dim, rollout.action_dim, args.hidden_sizes, rollout.continuous,
-                          torch.Generator().manual_seed(a["seed"]), args.shared_trunk, args.log_std_init)
+                          torch.Generator().manual_seed(a["seed"]), args.shared_trunk, args.log_std_init,
+                          args.gsde_every > 0)
               for a in run.agents]
     params, opt_state, norm = run.start(generators, params, norm_init(obs_dim, args.num_envs, run.device))
     update = make_update(args)  # vmapped over the agents, compiled with --compile
@@ -448,6 +453,17 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.T
     if weight.dim() == 3:
         return torch.baddbmm(bias.unsqueeze(1), x, weight.transpose(1, 2))
     return F.linear(x, weight, bias)
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The mean of x over the entries where mask is 1 (0 if there are none)."""
+    return (x * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+def normalize(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Standardize x over the masked entries (population std)."""
+    mean = masked_mean(x, mask)
+    return (x - mean) / (masked_mean((x - mean).square(), mask).sqrt() + 1e-8)
 
 
 def action_noise(shape: tuple[int, ...], continuous: bool, generator: torch.Generator,

@@ -248,16 +248,6 @@ class Batch(NamedTuple):
     valid: torch.Tensor  # [T, N] 1.0 where the step belongs to an episode the batch completed
 
 
-def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return (x * mask).sum() / mask.sum().clamp(min=1.0)
-
-
-def normalize(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Standardize x over the masked entries (population std)."""
-    mean = masked_mean(x, mask)
-    return (x - mean) / (masked_mean((x - mean).square(), mask).sqrt() + 1e-8)
-
-
 def loss_fn(params: dict[str, torch.Tensor], batch: Batch, returns: torch.Tensor, advantages: torch.Tensor,
             ent_coef: float) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """-mean(log pi(a|s) * A) - ent_coef * mean(entropy), plus (with a critic) the value loss mean((V(s) - G)^2),
@@ -453,6 +443,17 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.T
     if weight.dim() == 3:
         return torch.baddbmm(bias.unsqueeze(1), x, weight.transpose(1, 2))
     return F.linear(x, weight, bias)
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The mean of x over the entries where mask is 1 (0 if there are none)."""
+    return (x * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+def normalize(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Standardize x over the masked entries (population std)."""
+    mean = masked_mean(x, mask)
+    return (x - mean) / (masked_mean((x - mean).square(), mask).sqrt() + 1e-8)
 
 
 def action_noise(shape: tuple[int, ...], continuous: bool, generator: torch.Generator,

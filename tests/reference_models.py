@@ -37,7 +37,9 @@ class ReferenceAgent(nn.Module):
     """nn.Sequential networks and torch.distributions, weights copied from a script's params dict.
 
     Layout: optional shared trunk "trunk.{i}" (Linear + Tanh each), policy head "pi.{i}" and value head
-    "v.{i}" (Linear, Tanh, ..., Linear), and "pi.log_std" for a diagonal Gaussian policy.
+    "v.{i}" (Linear, Tanh, ..., Linear), and "pi.log_std" for a diagonal Gaussian policy, or "pi.sde_log_std"
+    [features, actions] for gSDE's: the Gaussian of features @ W, W ~ N(0, exp(sde_log_std)^2), whose variance is
+    features^2 @ exp(sde_log_std)^2 (+ 1e-6), with the features (the policy's last hidden layer) detached.
     """
 
     def __init__(self, params: dict[str, torch.Tensor]):
@@ -68,9 +70,10 @@ class ReferenceAgent(nn.Module):
         self.has_critic = "v.0.weight" in params
         if self.has_critic:
             self.v = sequential(linears("v"), False)
-        self.continuous = "pi.log_std" in params
+        self.log_std_key = next((k for k in ("pi.log_std", "pi.sde_log_std") if k in params), None)
+        self.continuous = self.log_std_key is not None
         if self.continuous:
-            self.log_std = nn.Parameter(params["pi.log_std"].clone())
+            self.log_std = nn.Parameter(params[self.log_std_key].clone())
 
     def named(self) -> dict[str, nn.Parameter]:
         """The parameters under the script's key names."""
@@ -80,7 +83,7 @@ class ReferenceAgent(nn.Module):
                 for i, layer in enumerate(m for m in getattr(self, prefix) if isinstance(m, nn.Linear)):
                     out[f"{prefix}.{i}.weight"], out[f"{prefix}.{i}.bias"] = layer.weight, layer.bias
         if self.continuous:
-            out["pi.log_std"] = self.log_std
+            out[self.log_std_key] = self.log_std
         return out
 
     def value(self, obs):
@@ -91,7 +94,11 @@ class ReferenceAgent(nn.Module):
         T = actions.shape[0]
         obs = obs[:T]
         out = self.pi(self.trunk(obs))
-        if self.continuous:
+        if self.log_std_key == "pi.sde_log_std":
+            features = self.pi[:-1](self.trunk(obs)).detach()
+            dist = Normal(out, (features.square() @ self.log_std.exp().square() + 1e-6).sqrt())
+            logp, ent = dist.log_prob(actions).sum(-1), dist.entropy().sum(-1)
+        elif self.continuous:
             dist = Normal(out, self.log_std.exp())
             logp, ent = dist.log_prob(actions).sum(-1), dist.entropy().sum(-1)
         else:

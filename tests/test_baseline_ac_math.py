@@ -111,8 +111,10 @@ def rb_params(seed, continuous, baseline="value", hidden=HIDDEN):
 
 
 def ac_params(seed, continuous, shared_trunk, hidden=HIDDEN, obs_dim=OBS_DIM, act_dim=ACT_DIM):
+    """continuous: False, True or "gsde" (a Gaussian policy with gSDE's log-std per feature and action)."""
     g = torch.Generator().manual_seed(seed)
-    return perturbed(ac.init_params(obs_dim, act_dim, hidden, continuous, g, shared_trunk), g)
+    return perturbed(ac.init_params(obs_dim, act_dim, hidden, bool(continuous), g, shared_trunk,
+                                    gsde=continuous == "gsde"), g)
 
 
 def random_obs_actions(rng, T, N, continuous, obs_dim=OBS_DIM, act_dim=ACT_DIM):
@@ -790,11 +792,13 @@ def test_rb_loss_gradient_matches_imperative(continuous, baseline, ent_coef):
         assert f_vl.item() == 0.0
 
 
-@pytest.mark.parametrize("continuous", [False, True])
+@pytest.mark.parametrize("continuous", [False, True, "gsde"])
 @pytest.mark.parametrize("shared_trunk", [False, True])
 @pytest.mark.parametrize("ent_coef, vf_coef", [(0.0, 0.5), (0.05, 2.0)])
 def test_ac_loss_gradient_matches_imperative(continuous, shared_trunk, ent_coef, vf_coef):
     params = ac_params(1, continuous, shared_trunk)
+    if continuous == "gsde":  # one log-std per (feature of the policy's last hidden layer, action)
+        assert params["pi.sde_log_std"].shape == (HIDDEN[-1], ACT_DIM)
     if shared_trunk:  # hidden layers in the trunk, single-layer heads
         head_weights = {k for k in params if k.startswith(("pi.", "v.")) and k.endswith("weight")}
         assert head_weights == {"pi.0.weight", "v.0.weight"}
@@ -826,6 +830,53 @@ def test_ac_loss_gradient_matches_imperative(continuous, shared_trunk, ent_coef,
     if shared_trunk:  # both losses shape the shared features
         assert_nonzero(vl, "trunk.")
         assert_nonzero(pg, "trunk.")
+
+
+@pytest.mark.parametrize("shared_trunk", [False, True])
+def test_gsde_actions_follow_the_gaussian_that_log_prob_scores(shared_trunk):
+    """gSDE acts with mean + features @ (exp(sde_log_std) * W), W ~ N(0, 1) per (feature, action); over many W the
+    actions of one state are Gaussian with the mean and std that log_prob_entropy uses (features^2 @ std^2). With
+    one-step noise [M, actions] instead of W, sample_action draws from that same Gaussian; temperature 0: the mean."""
+    params = ac_params(4, "gsde", shared_trunk)
+    obs = torch.randn(3, OBS_DIM, generator=torch.Generator().manual_seed(5))
+    draws = 40_000
+    g = torch.Generator().manual_seed(6)
+    out, features = ac.mlp(params, "pi", ac.trunk(params, obs), features=True)
+    expected_std = (features.square() @ params["pi.sde_log_std"].exp().square() + 1e-6).sqrt()  # [3, ACT_DIM]
+    for noise in (torch.randn(draws, 3, HIDDEN[-1], ACT_DIM, generator=g), torch.randn(draws, 3, ACT_DIM, generator=g)):
+        actions = torch.cat([ac.sample_action(params, obs.expand(1000, -1, -1), w) for w in noise.split(1000)])
+        torch.testing.assert_close(actions.mean(0), out, atol=4 * expected_std.max().item() / draws ** 0.5, rtol=0)
+        torch.testing.assert_close(actions.std(0), expected_std, rtol=0.03, atol=0)
+    log_prob, _ = ac.log_prob_entropy(params, obs, out + expected_std)  # one std from the mean in every dimension
+    torch.testing.assert_close(log_prob, (-0.5 - expected_std.log() - 0.5 * math.log(2 * math.pi)).sum(-1))
+    torch.testing.assert_close(ac.sample_action(params, obs, noise[0], temperature=0.0), out, rtol=0, atol=0)
+
+
+def test_gsde_noise_is_held_for_gsde_every_steps_across_rollouts():
+    """With --gsde-every 4 and 3-step rollouts, the exploration matrix W of each env is drawn at steps 0, 4, 8, ...
+    of the run: within a window, action - mean = features @ W' (W' = std * W) for one W', across windows not."""
+    envs = ac.make_env("Pendulum-v1", 2)
+    params = ac_params(7, "gsde", False, hidden=(2,), obs_dim=3, act_dim=1)  # 2 features: W' is [2, 1]
+    rollout = ac.Rollout(envs, 1, 3, torch.device("cpu"), seed=0, gsde_every=4)
+    stacked = ac.stack_agents([params])
+    generator = torch.Generator().manual_seed(8)
+    batches = [ac.Batch(*(x.clone() for x in rollout.collect(stacked, None, generator)[0]))  # (it shares buffers)
+               for _ in range(3)]  # 9 steps per env
+    rollout.close()
+    obs = torch.cat([b.obs[:-1, 0] for b in batches])  # [9, 2 envs, 3]
+    actions = torch.cat([b.actions[:, 0] for b in batches])  # [9, 2, 1], unclipped
+    out, features = ac.mlp(params, "pi", obs, features=True)
+    residual = (actions - out).double()
+
+    def fit_error(steps, env):  # least squares of residual = features @ W' over these steps
+        f, r = features[steps, env].double(), residual[steps, env]
+        w = torch.linalg.lstsq(f, r).solution
+        return float((f @ w - r).abs().max() / r.abs().max())
+
+    for env in range(2):
+        assert fit_error([0, 1, 2, 3], env) < 1e-4  # one W' over steps 0-3 (two rollouts)
+        assert fit_error([4, 5, 6, 7], env) < 1e-4
+        assert fit_error([2, 3, 4, 5], env) > 1e-2  # a new W' at step 4
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -933,7 +984,7 @@ def test_rb_make_update_matches_torch_pipeline(continuous, baseline, return_type
     print(f"rb make_update vs torch pipeline (float64): max relative deviation of the Adam steps = {max_rel:.3g}")
 
 
-@pytest.mark.parametrize("continuous", [False, True])
+@pytest.mark.parametrize("continuous", [False, True, "gsde"])
 @pytest.mark.parametrize("shared_trunk", [False, True])
 @pytest.mark.parametrize("normalize, gae_lambda", [(True, 0.9), (False, 1.0)])
 @pytest.mark.parametrize("max_grad_norm", [0.05, math.inf])

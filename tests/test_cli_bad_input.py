@@ -70,6 +70,7 @@ BAD_INPUT = [
     *bad([RB], ["--value-learning-rate", "0"], ["--value-learning-rate", "0"], "value-learning-rate-0"),
     *bad([AC], ["--gae-lambda", "1.5"], ["--gae-lambda", "1.5"], "gae-lambda-1.5"),
     *bad([AC], ["--vf-coef", "-1"], ["--vf-coef", "-1"], "vf-coef-negative"),
+    *bad([AC], ["--gsde-every", "-1"], ["--gsde-every", "-1"], "gsde-every-negative"),
     # several agents (--num-seeds, grids of --learning-rate / --ent-coef)
     *bad(ALL, ["--num-seeds", "0"], ["--num-seeds", "0"], "num-seeds-0"),
     *bad([R, AC], ["--learning-rate", "1e-3", "-1"], ["--learning-rate", "-1"], "learning-rate-grid-negative"),

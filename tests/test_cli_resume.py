@@ -164,3 +164,26 @@ def test_a_checkpoint_of_another_kind_of_device_resumes_with_a_fresh_action_nois
         assert steps(episodes) == sorted(steps(episodes)) and steps(episodes)[-1] > saved["global_step"][0]
         results.append(without(episodes, "wall_time"))
     assert results[0] == results[1], "the fresh stream is not reproducible"
+
+
+def test_a_gsde_run_resumes_with_its_log_stds_and_a_resume_without_gsde_is_refused(tmp_path):
+    """--gsde-every: the checkpoint holds the per-(feature, action) log-stds, a resume continues from them (one Adam
+    step further), and resuming it without gSDE is one error line naming the flag, the run left as it was."""
+    run_dir = tmp_path / "gsde"
+    flags = ["--env-id", "Pendulum-v1", "--gsde-every", 4, "--log-std-init", -2, "--num-envs", 2, "--num-steps", 8,
+             "--eval-every", 0, "--quiet"]
+    assert_ok(run_script(AC, *flags, "--total-timesteps", 800, "--run-dir", run_dir, cwd=tmp_path))
+    saved = load_checkpoint(run_dir / "checkpoint.pt")
+    assert saved["args"]["gsde_every"] == 4 and "pi.log_std" not in saved["params"]
+    assert saved["params"]["pi.sde_log_std"].shape == (64, 1)
+    assert not torch.all(saved["params"]["pi.sde_log_std"] == -2.0)  # learned
+    assert_ok(run_script(AC, "--resume", run_dir, "--total-timesteps", saved["global_step"] + 1, cwd=tmp_path))
+    one = load_checkpoint(run_dir / "checkpoint.pt")
+    assert one["num_updates"] == saved["num_updates"] + 1
+    assert_one_adam_step(saved, one, {k: saved["args"]["learning_rate"] for k in saved["params"]})
+
+    before = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()}
+    r = run_script(AC, "--resume", run_dir, "--gsde-every", 0, "--total-timesteps", 2000, cwd=tmp_path)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "--gsde-every 4" in r.stderr, r.stderr
+    assert {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()} == before
