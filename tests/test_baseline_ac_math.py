@@ -1055,14 +1055,16 @@ AC_COMPILE_ARGS = dict(gamma=0.99, gae_lambda=0.95, normalize_advantages=True, v
 
 
 @pytest.mark.slow
-def test_ac_compiled_update_matches_eager(compiled_vs_eager):
+@pytest.mark.parametrize("continuous", [False, "gsde"])
+def test_ac_compiled_update_matches_eager(compiled_vs_eager, continuous):
     """Two updates of two agents, compiled vs eager, CartPole-sized (see check_compiled_update in tests/helpers.py for what is compared
-    and why)."""
+    and why); and with gSDE's Gaussian (LunarLanderContinuous-sized)."""
     args = ac.Args(compile=False, **AC_COMPILE_ARGS)
     compiled = ac.make_update(ac.Args(compile=True, **AC_COMPILE_ARGS))
     eager = ac.make_update(args)
-    params = [ac_params(4 + a, False, False, hidden=(64, 64), obs_dim=4, act_dim=2) for a in range(2)]
-    batches = [stack_batches([ac_batch(20 + 2 * i + a, 64, 8, False, obs_dim=4, act_dim=2)[0] for a in range(2)])
+    dims = dict(obs_dim=8, act_dim=2) if continuous else dict(obs_dim=4, act_dim=2)
+    params = [ac_params(4 + a, continuous, False, hidden=(64, 64), **dims) for a in range(2)]
+    batches = [stack_batches([ac_batch(20 + 2 * i + a, 64, 8, continuous, **dims)[0] for a in range(2)])
                for i in range(2)]
     for batch in batches:
         assert 0 < batch.valid.mean() < 1 and batch.terminated.any()
@@ -1091,7 +1093,7 @@ def test_rb_vmapped_update_is_each_agents_own_update(continuous, baseline):
     check_vmapped_update(rb, args, params, batches, agent_hyper(VMAP_LRS, VMAP_ENT_COEFS))
 
 
-@pytest.mark.parametrize("continuous", [False, True])
+@pytest.mark.parametrize("continuous", [False, True, "gsde"])
 @pytest.mark.parametrize("shared_trunk", [False, True])
 def test_ac_vmapped_update_is_each_agents_own_update(continuous, shared_trunk):
     """As the rb test above, for actor_critic's update."""
