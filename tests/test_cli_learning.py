@@ -59,22 +59,25 @@ def test_learns_cartpole_and_every_seed_stays_solved(tmp_path, script):
 # Continuous control: actor_critic on MountainCarContinuous-v0 with the continuous-action defaults and the flag the
 # README gives for it (--gamma 0.99: the goal's +100 is 100+ steps away). A Gaussian policy that learns nothing
 # settles near 0 (it stops paying for actions); every seed must instead reach the goal in nearly every episode.
+# And the same with gSDE's state-dependent noise held for 16 steps (--gsde-every 16), as the README gives it.
 CONTINUOUS_SEEDS, CONTINUOUS_BUDGET, MCC_SOLVED = 4, 200_000, 80.0
 
 
 @pytest.mark.slow
-def test_actor_critic_learns_mountain_car_continuous_on_every_seed(tmp_path):
+@pytest.mark.parametrize("exploration", [[], ["--gsde-every", 16]], ids=["white-noise", "gsde"])
+def test_actor_critic_learns_mountain_car_continuous_on_every_seed(tmp_path, exploration):
     started = time.time()
-    r = run_script(AC, "--env-id", "MountainCarContinuous-v0", "--gamma", 0.99, "--num-seeds", CONTINUOUS_SEEDS,
-                   "--total-timesteps", CONTINUOUS_BUDGET, "--eval-every", 0, "--run-dir", "run", "--quiet",
-                   cwd=tmp_path, timeout=900)
+    r = run_script(AC, "--env-id", "MountainCarContinuous-v0", "--gamma", 0.99, *exploration, "--num-seeds",
+                   CONTINUOUS_SEEDS, "--total-timesteps", CONTINUOUS_BUDGET, "--eval-every", 0, "--run-dir", "run",
+                   "--quiet", cwd=tmp_path, timeout=900)
     assert_ok(r)
     config = read_config(tmp_path / "run")
     assert config["normalize_obs"] and config["normalize_reward"], "not the continuous-action defaults"
+    assert config["gsde_every"] == (16 if exploration else 0)
     returns = returns_per_seed(tmp_path / "run", CONTINUOUS_BUDGET)
     assert sorted(returns, key=int) == [str(s) for s in range(1, CONTINUOUS_SEEDS + 1)], sorted(returns)
     final = {seed: sum(r[-100:]) / len(r[-100:]) for seed, r in returns.items()}
-    print(f"actor_critic MountainCarContinuous-v0, {CONTINUOUS_BUDGET:,} steps, {time.time() - started:.0f} s: "
+    print(f"actor_critic MountainCarContinuous-v0 {exploration}, {CONTINUOUS_BUDGET:,} steps, {time.time() - started:.0f} s: "
           f"last-100 mean per seed {final}")
     assert all(len(r) >= 100 for r in returns.values())
     failed = {seed: round(m, 1) for seed, m in final.items() if m < MCC_SOLVED}
