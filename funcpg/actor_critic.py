@@ -123,8 +123,7 @@ class Args:
     log_std_init: float = 0.0
     """initial log standard deviation of the Gaussian policy (continuous actions)"""
     gsde_every: int = 0
-    """gSDE (continuous actions): the noise is features @ W, W ~ N(0, exp(log_std)^2) per (feature, action) held
-    for this many steps (0 = off: fresh noise each step); take --log-std-init -2 with it"""
+    """gSDE (continuous actions): noise features(s) @ W, W held for this many steps (0 = off); see the README"""
     normalize_obs: bool = False
     """standardize observations by their running mean and variance, clip to [-10, 10] (continuous actions: on)"""
     normalize_reward: bool = False
@@ -223,14 +222,15 @@ def log_prob_entropy(params: dict[str, torch.Tensor], obs: torch.Tensor,
 def sample_action(params: dict[str, torch.Tensor], obs: torch.Tensor, noise: torch.Tensor,
                   temperature: float = 1.0) -> torch.Tensor:
     """a ~ pi(.|obs) with plain tensor ops, for one agent (obs [M, obs_dim]) or stacked agents (obs [A, M, obs_dim]):
-    Gumbel-max argmax(logits / T + noise), or mean + T * std * noise; with gSDE's W ~ N(0, 1) [..., M, features,
-    actions] as noise, mean + T * features @ (exp(sde_log_std) * W). Temperature 0: the greedy action / the mean."""
+    Gumbel-max argmax(logits / T + noise), mean + T * std * noise, or with gSDE's W [..., M, features, actions] as
+    noise, mean + T * features @ (exp(sde_log_std) * W). Temperature 0: the greedy action / the mean."""
     out, features = mlp(params, "pi", trunk(params, obs), features=True)
-    log_std = gaussian_log_std(params, out, features)
-    if log_std is not None:  # gSDE's W (held for --gsde-every steps) has a features dimension: features @ (std * W)
-        noise = ((features.unsqueeze(-2) @ (params["pi.sde_log_std"].exp().unsqueeze(-3) * noise)).squeeze(-2)
-                 if noise.dim() > out.dim() else log_std.exp() * noise)
+    if noise.dim() > out.dim():  # gSDE's W ~ N(0, 1), held for --gsde-every steps
+        noise = (features.unsqueeze(-2) @ (params["pi.sde_log_std"].exp().unsqueeze(-3) * noise)).squeeze(-2)
         return out if temperature == 0.0 else out + temperature * noise
+    log_std = gaussian_log_std(params, out, features)  # a Gaussian's std for one step (None: a Categorical)
+    if log_std is not None:
+        return out if temperature == 0.0 else out + temperature * log_std.exp() * noise
     if temperature == 0.0:
         return out.argmax(-1)
     return (out / temperature + noise).argmax(-1) if temperature != 1.0 else (out + noise).argmax(-1)

@@ -94,12 +94,12 @@ class ReferenceAgent(nn.Module):
         T = actions.shape[0]
         obs = obs[:T]
         out = self.pi(self.trunk(obs))
-        if self.log_std_key == "pi.sde_log_std":
-            features = self.pi[:-1](self.trunk(obs)).detach()
-            dist = Normal(out, (features.square() @ self.log_std.exp().square() + 1e-6).sqrt())
-            logp, ent = dist.log_prob(actions).sum(-1), dist.entropy().sum(-1)
-        elif self.continuous:
-            dist = Normal(out, self.log_std.exp())
+        if self.continuous:
+            std = self.log_std.exp()
+            if self.log_std_key == "pi.sde_log_std":
+                features = self.pi[:-1](self.trunk(obs)).detach()
+                std = (features.square() @ std.square() + 1e-6).sqrt()
+            dist = Normal(out, std)
             logp, ent = dist.log_prob(actions).sum(-1), dist.entropy().sum(-1)
         else:
             dist = Categorical(logits=out)

@@ -77,8 +77,8 @@ def test_actor_critic_learns_mountain_car_continuous_on_every_seed(tmp_path, exp
     returns = returns_per_seed(tmp_path / "run", CONTINUOUS_BUDGET)
     assert sorted(returns, key=int) == [str(s) for s in range(1, CONTINUOUS_SEEDS + 1)], sorted(returns)
     final = {seed: sum(r[-100:]) / len(r[-100:]) for seed, r in returns.items()}
-    print(f"actor_critic MountainCarContinuous-v0 {exploration}, {CONTINUOUS_BUDGET:,} steps, {time.time() - started:.0f} s: "
-          f"last-100 mean per seed {final}")
+    print(f"actor_critic MountainCarContinuous-v0 {exploration}, {CONTINUOUS_BUDGET:,} steps, "
+          f"{time.time() - started:.0f} s: last-100 mean per seed {final}")
     assert all(len(r) >= 100 for r in returns.values())
     failed = {seed: round(m, 1) for seed, m in final.items() if m < MCC_SOLVED}
     assert not failed, f"last-100 means below {MCC_SOLVED} at {CONTINUOUS_BUDGET:,} steps: {failed} (all: {final})"
