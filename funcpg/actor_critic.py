@@ -123,7 +123,7 @@ class Args:
     log_std_init: float = 0.0
     """initial log standard deviation of the Gaussian policy (continuous actions)"""
     gsde_every: int = 0
-    """gSDE (continuous actions): noise features(s) @ W, W held for this many steps (0 = off); see the README"""
+    """gSDE (continuous actions): noise features(s) @ W, W held this many steps (0 = off); try --log-std-init -2"""
     normalize_obs: bool = False
     """standardize observations by their running mean and variance, clip to [-10, 10] (continuous actions: on)"""
     normalize_reward: bool = False
