@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import csv
 import dataclasses
-import fcntl
 import importlib
 import io
 import json
@@ -40,7 +39,6 @@ from typing import Literal, NamedTuple, Optional, Union, get_args, get_origin, g
 import gymnasium as gym
 import numpy as np
 import torch
-import torch.nn.functional as F
 import tyro
 from torch.func import grad_and_value, vmap
 
@@ -122,8 +120,10 @@ class Args:
         check_args(self)
 
 
-# Continuous actions (a Box action space) change these defaults of the command line; flags given still win.
+# Continuous actions (a Box action space) change these defaults of the command line, then ENV_DEFAULTS[env id] (the
+# settings measured best per env, as RL-Zoo keeps them); flags given still win.
 CONTINUOUS_DEFAULTS = {"gamma": 0.95, "normalize_obs": True, "normalize_reward": True}
+ENV_DEFAULTS: dict[str, dict] = {}
 ARCHITECTURE = ("hidden_sizes",)  # the flags that shape the parameters: a resumed run keeps them
 
 
@@ -184,27 +184,10 @@ def sample_action(params: dict[str, torch.Tensor], obs: torch.Tensor, noise: tor
     out = mlp(params, "pi", obs)
     if "pi.log_std" in params:
         return out if temperature == 0.0 else out + temperature * params["pi.log_std"].exp().unsqueeze(-2) * noise
-    if temperature == 0.0:
-        return out.argmax(-1)
-    return (out / temperature + noise).argmax(-1) if temperature != 1.0 else (out + noise).argmax(-1)
+    return out.argmax(-1) if temperature == 0.0 else (out / temperature + noise).argmax(-1)  # T = 1: out + noise
 
 
-# --- Returns: one reverse scan --------------------------------------------------------------------------------
-
-
-def discounted_scan(x: torch.Tensor, a: torch.Tensor, init: torch.Tensor) -> torch.Tensor:
-    """y_t = x_t + a_t * y_{t+1} for t = T-1, ..., 0 with y_T = init; x, a: [T, ...], init: [...]. By recursive
-    doubling: after the pass with stride k, (x_t, a_t) composes the affine maps y -> x_s + a_s * y
-    for s = t .. t+k-1, so ceil(log2 T) vectorised passes replace a T-step loop (cheap to compile)."""
-    length = x.shape[0]
-    x = torch.cat([x[:-1], (x[-1] + a[-1] * init).unsqueeze(0)])
-    a = torch.cat([a[:-1], torch.zeros_like(a[-1:])])
-    stride = 1
-    while stride < length:
-        x = x + a * torch.cat([x[stride:], torch.zeros_like(x[:stride])])
-        a = a * torch.cat([a[stride:], torch.zeros_like(a[:stride])])
-        stride *= 2
-    return x
+# --- Returns: one reverse scan (discounted_scan: below the marker) ----------------------------------------------
 
 
 def compute_returns(rewards: torch.Tensor, dones: torch.Tensor, valid: torch.Tensor, gamma: float,
@@ -249,10 +232,10 @@ def norm_init(obs_dim: int, device: torch.device) -> dict:
     return {"obs": stats_init((obs_dim,), device), "return": stats_init((), device)}
 
 
-def make_agent_update(args: Args):
+def make_agent_update(args: Args, stage=lambda fn, in_dims: fn):
     """One agent's learning step update(params, opt_state, norm, batch [T, N, ...] raw, hyper {"learning_rate",
-    "ent_coef"}) -> (params, opt_state, norm, metrics), pure: make_update vmaps it over the agents, --compile
-    compiles it (so no Python control flow on tensor values). Every metric but "finite" is logged."""
+    "ent_coef"}) -> (params, opt_state, norm, metrics), pure: make_update runs it over the agents as one stage (vmap;
+    --compile compiles it, so no Python control flow on tensor values). Every metric but "finite" is logged."""
 
     def update(params: dict[str, torch.Tensor], opt_state: dict, norm: dict, batch: Batch,
                hyper: dict[str, torch.Tensor]):
@@ -268,7 +251,7 @@ def make_agent_update(args: Args):
         return params, opt_state, norm, {"policy_loss": pg_loss, "entropy": entropy, "grad_norm": grad_norm,
                                          "finite": finite}
 
-    return update
+    return stage(update, (0, 0, 0, 1, 0))  # the agent: dim 0 of the state and hyper, dim 1 of the batch [T, A, N]
 
 
 # --- Rollout and training loop --------------------------------------------------------------------------------
@@ -384,7 +367,7 @@ def main() -> None:
     run_command_line(train)  # parse and check the flags (bad input: one error line, exit 2), train, summarize
 
 
-# TRY NOT TO MODIFY: the plumbing below is the same in reinforce.py, reinforce_baseline.py and actor_critic.py
+# TRY NOT TO MODIFY: the plumbing below is the same in reinforce.py, reinforce_baseline.py, actor_critic.py and ppo.py
 # (many agents, functional Adam, running statistics, evaluation, run directory, logs, checkpoints, command line).
 
 
@@ -395,30 +378,39 @@ def agent_grid(args: Args) -> list[dict]:
             for lr in args.learning_rate for ent_coef in args.ent_coef for i in range(args.num_seeds)]
 
 
+def tree_map(fn, tree, *others):
+    """fn(x, *the others' x) for every tensor x of a (nested) dict, tuple or NamedTuple of tensors and of the
+    trees of the same shape in others (None stays None)."""
+    if isinstance(tree, dict):
+        return {k: tree_map(fn, v, *(o[k] for o in others)) for k, v in tree.items()}
+    if isinstance(tree, tuple):
+        items = [tree_map(fn, *xs) for xs in zip(tree, *others)]
+        return type(tree)(*items) if hasattr(tree, "_fields") else tuple(items)
+    return None if tree is None else fn(tree, *others)
+
+
 def stack_agents(trees: list):
     """Stack per-agent (nested) dicts of tensors along a new leading agent dimension."""
-    return {k: stack_agents([t[k] for t in trees]) for k in trees[0]} if isinstance(trees[0], dict) \
-        else torch.stack(trees)
+    return tree_map(lambda *xs: torch.stack(xs), *trees)
 
 
 def agent_slice(tree, i):
     """Agent i's entries (or a slice of agents) of a stacked (nested) dict of tensors."""
-    return {k: agent_slice(v, i) for k, v in tree.items()} if isinstance(tree, dict) else tree[i]
+    return tree_map(lambda x: x[i], tree)
 
 
 def where_agents(mask: torch.Tensor, new, old):
-    """Stacked (nested) dicts: new's entries for the agents where mask [A] is True, old's elsewhere."""
-    if isinstance(new, dict):
-        return {k: where_agents(mask, new[k], old[k]) for k in new}
-    return torch.where(mask.view(-1, *[1] * (new.dim() - 1)), new, old)
+    """new's tensors where mask is True, old's elsewhere (trees as tree_map's): a mask [A] picks agents of stacked
+    trees, a 0-d one (one agent's, as inside vmap) takes a whole tree."""
+    return tree_map(lambda n, o: torch.where(mask.reshape(mask.shape + (1,) * (n.dim() - mask.dim())), n, o), new, old)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """x W^T + b: F.linear for one agent (as inside vmap); for stacked weights [A, out, in] and x [A, M, in] one
+    """x W^T + b: torch's linear for one agent (as inside vmap); for stacked weights [A, out, in] and x [A, M, in] one
     batched matmul over the agents (the acting loop: an eager vmap costs ~5x more per env step)."""
     if weight.dim() == 3:
         return torch.baddbmm(bias.unsqueeze(1), x, weight.transpose(1, 2))
-    return F.linear(x, weight, bias)
+    return torch.nn.functional.linear(x, weight, bias)
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -454,6 +446,21 @@ def derived_seed(seed: int, purpose: int, index: int) -> int:
 def normalize_obs(stats: dict[str, torch.Tensor], obs: torch.Tensor) -> torch.Tensor:
     """(obs - mean) / sqrt(var + 1e-8), clipped to [-10, 10]; stats (update_stats) broadcast against obs."""
     return ((obs - stats["mean"]) / (stats["var"] + 1e-8).sqrt()).clamp(-10.0, 10.0).to(obs.dtype)
+
+
+def discounted_scan(x: torch.Tensor, a: torch.Tensor, init: torch.Tensor) -> torch.Tensor:
+    """y_t = x_t + a_t * y_{t+1} for t = T-1, ..., 0 with y_T = init; x, a: [T, ...], init: [...]. By recursive
+    doubling: after the pass with stride k, (x_t, a_t) composes the affine maps y -> x_s + a_s * y
+    for s = t .. t+k-1, so ceil(log2 T) vectorised passes replace a T-step loop (cheap to compile)."""
+    length = x.shape[0]
+    x = torch.cat([x[:-1], (x[-1] + a[-1] * init).unsqueeze(0)])
+    a = torch.cat([a[:-1], torch.zeros_like(a[-1:])])
+    stride = 1
+    while stride < length:
+        x = x + a * torch.cat([x[stride:], torch.zeros_like(x[:stride])])
+        a = a * torch.cat([a[stride:], torch.zeros_like(a[:stride])])
+        stride *= 2
+    return x
 
 
 def discounted_returns_so_far(rewards: torch.Tensor, dones: torch.Tensor, carry: torch.Tensor,
@@ -548,25 +555,22 @@ def annealed(args: Args, hyper: dict[str, torch.Tensor], global_step: np.ndarray
 
 
 def make_update(args: Args):
-    """make_agent_update's step for all agents at once: params, opt_state, norm [A, ...], batch [T, A, N, ...],
-    hyper [A]; metrics [A]. torch.func.vmap keeps each agent to its own data; --compile compiles the vmapped step
-    as one graph (same shapes every batch: it compiles once). A lone agent skips vmap (~2 ms per eager update)."""
-    update = make_agent_update(args)
-    batched = vmap(update, in_dims=(0, 0, 0, 1, 0))  # the batch's agent dimension is dim 1: [T, A, N, ...]
-    if args.compile:  # on the CPU, Inductor's C++ wrapper calls the kernels without Python: ~20% faster here
-        options = {"cpp_wrapper": True} if resolve_device(args.device).type == "cpu" else {}
-        return torch.compile(batched, fullgraph=True, dynamic=False, options=options)  # the shapes never change
-    if len(agent_grid(args)) > 1:
-        return batched
+    """The learning step of all agents at once: make_agent_update(args, stage), each stage (a pure function of one
+    agent's tensors) run over the agents by torch.func.vmap, which keeps each agent to its own data (in_dims: where a
+    stage's inputs hold the agent: 0, or 1 for a batch [T, A, N, ...]; outputs: 0). --compile compiles each vmapped
+    stage as one graph (same shapes every batch: it compiles once). A lone agent skips vmap (~2 ms per eager update)."""
 
-    def one_agent(params: dict, opt_state: dict, norm: dict, batch: Batch, hyper: dict):
-        if batch.rewards.shape[1] != 1:
-            raise ValueError(f"make_update({agent_grid(args)}) got a batch of {batch.rewards.shape[1]} agents")
-        out = update(*(agent_slice(x, 0) for x in (params, opt_state, norm)), Batch(*(x[:, 0] for x in batch)),
-                     agent_slice(hyper, 0))
-        return tuple(stack_agents([x]) for x in out)
+    def stage(fn, in_dims: tuple):
+        batched = vmap(fn, in_dims=in_dims)
+        if args.compile:  # on the CPU, Inductor's C++ wrapper calls the kernels without Python: ~20% faster here
+            options = {"cpp_wrapper": True} if resolve_device(args.device).type == "cpu" else {}
+            return torch.compile(batched, fullgraph=True, dynamic=False, options=options)  # the shapes never change
+        if len(agent_grid(args)) > 1:
+            return batched
+        return lambda *xs: tree_map(lambda x: x.unsqueeze(0), fn(*(tree_map(lambda x: x.select(dim, 0), x)
+                                                                   for x, dim in zip(xs, in_dims))))
 
-    return one_agent
+    return make_agent_update(args, stage)
 
 
 def evaluate(args: Args, params: dict[str, torch.Tensor], obs_stats: Optional[dict], seed: int,
@@ -740,6 +744,7 @@ def check_state(path: str, checkpoint: dict, fresh: tuple, num_generators: int) 
 def lock_run_dir(path: str) -> int:
     """An OS lock (flock) on the run directory, held for the run's life and released by any exit, kill -9 too;
     RunDirInUse if another process holds it. Returns the descriptor that holds it."""
+    import fcntl  # POSIX (imported here, so that the script imports on any system)
     fd = os.open(path, os.O_RDONLY)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -788,7 +793,8 @@ class Run:
         self.lock = lock_run_dir(self.run_dir)  # before anything is written there
         with open(os.path.join(self.run_dir, "config.json"), "w") as f:
             json.dump({**self.args_dict, "algorithm": ALGORITHM, "run_dir": self.run_dir, "agents": self.agents,
-                       "funcpg": FUNCPG_VERSION, "torch": torch.__version__, "gymnasium": gym.__version__}, f, indent=2)
+                       "defaults_taken": defaults_taken(args), "funcpg": FUNCPG_VERSION, "torch": torch.__version__,
+                       "gymnasium": gym.__version__}, f, indent=2)
         grid = len(args.learning_rate) > 1 or len(args.ent_coef) > 1
         self.tags = [{k: a[k] for k in a if k == "seed" or grid} for a in self.agents]
         self.files, self.writers, self.interactive = {}, {}, sys.stdout.isatty()
@@ -980,11 +986,7 @@ class Run:
 
 def unused_path(path: str) -> str:
     """path, or path-2, path-3, ... if it exists (two runs started in the same second)."""
-    candidate, i = path, 1
-    while os.path.exists(candidate):
-        i += 1
-        candidate = f"{path}-{i}"
-    return candidate
+    return next(p for i in range(1, 2**31) if not os.path.exists(p := f"{path}-{i}" if i > 1 else path))
 
 
 def check_args(args: Args, **bounds: str) -> None:
@@ -1127,23 +1129,32 @@ def program() -> str:
     return f"python {sys.argv[0]}" if sys.argv[0].endswith(".py") else os.path.basename(sys.argv[0])
 
 
-def continuous_actions(env_id: str) -> bool:
-    """Whether the env's actions are a Box (False also for an env that cannot be made: validate reports it)."""
+def env_defaults(env_id: str) -> dict:
+    """What an env changes in Args' defaults: CONTINUOUS_DEFAULTS for a Box action space (unknown for an env that
+    cannot be made: validate reports it), then its entry in ENV_DEFAULTS. Flags given still win."""
     try:
         envs = make_env(env_id, 1)
+        envs.close()
+        continuous = isinstance(envs.single_action_space, gym.spaces.Box)
     except Exception:
-        return False
-    envs.close()
-    return isinstance(envs.single_action_space, gym.spaces.Box)
+        continuous = False
+    return {**(CONTINUOUS_DEFAULTS if continuous else {}), **ENV_DEFAULTS.get(env_id, {})}
+
+
+def defaults_taken(args: Args) -> list[str]:
+    """The flags (as typed) whose values this run has from env_defaults: what the first line of output says."""
+    return [flag_text(k, v) for k, v in env_defaults(args.env_id).items() if getattr(args, k) == v]
 
 
 def parse_args(default: Optional[Args] = None, argv: Optional[list[str]] = None) -> Args:
     """tyro.cli over argv (default: the command line); tyro's error box becomes one line `error: ...`, exit 2.
-    Without `default`, an env with continuous actions takes CONTINUOUS_DEFAULTS; flags given override them."""
-    captured = io.StringIO()
+    Without `default`, the env's env_defaults are the defaults; flags given override them."""
+    captured, table = io.StringIO(), {"continuous actions": CONTINUOUS_DEFAULTS, **ENV_DEFAULTS}
+    description = "\n\n".join([__doc__.split("\n\n")[0], "Defaults by env (flags given win): " + "; ".join(
+        f"{env}: {' '.join(flag_text(k, v) for k, v in d.items())}" for env, d in table.items())])
     try:
         with contextlib.redirect_stderr(captured):
-            args = tyro.cli(Args, args=argv, default=default, prog=program(), description=__doc__.split("\n\n")[0])
+            args = tyro.cli(Args, args=argv, default=default, prog=program(), description=description)
     except BrokenPipeError:  # --help | head: the reader has gone, end quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(0)
@@ -1163,9 +1174,8 @@ def parse_args(default: Optional[Args] = None, argv: Optional[list[str]] = None)
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         raise
     sys.stderr.write(captured.getvalue())
-    if default is None and continuous_actions(args.env_id):
-        return parse_args(dataclasses.replace(Args(), **CONTINUOUS_DEFAULTS), argv)
-    return args
+    defaults = env_defaults(args.env_id) if default is None else {}
+    return parse_args(dataclasses.replace(Args(), **defaults), argv) if defaults else args
 
 
 def fits(value, hint) -> bool:
@@ -1207,9 +1217,9 @@ def command_line() -> Args:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    if not args.quiet and not args.resume and continuous_actions(args.env_id):
-        taken = [flag_text(k, v) for k, v in CONTINUOUS_DEFAULTS.items() if getattr(args, k) == v]
-        print(f"continuous actions: defaults {' '.join(taken) or '(none: every one overridden)'} (flags override them)")
+    taken = [] if args.quiet or args.resume else defaults_taken(args)
+    if taken:
+        print(f"defaults for {args.env_id}: {' '.join(taken)} (by its action space and ENV_DEFAULTS; flags win)")
     return args
 
 

@@ -3,8 +3,8 @@ tests/test_num_seeds.py, ...): running a script, reading what it wrote (CSVs, co
 `testenvs` module of tiny third-party environments, and the reference runs that the `shared` fixture
 (tests/conftest.py) makes once per test session.
 
-funcpg/reinforce.py, funcpg/reinforce_baseline.py and funcpg/actor_critic.py share one contract, so most tests
-are parametrized over the three scripts; flags that only one script has get their own cases. Every test runs a
+funcpg/reinforce.py, funcpg/reinforce_baseline.py, funcpg/actor_critic.py and funcpg/ppo.py share one contract, so
+most tests are parametrized over the four scripts; flags that only one script has get their own cases. Every test runs a
 script the way a user does, in a subprocess with its own working directory under pytest's tmp_path, and checks
 what it prints and what it writes. Budgets are tiny (a few thousand steps) except for the learning tests (marked
 slow, still in the default run).
@@ -29,10 +29,10 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-SCRIPTS = ["reinforce", "reinforce_baseline", "actor_critic"]
+SCRIPTS = ["reinforce", "reinforce_baseline", "actor_critic", "ppo"]
 EXACT_RESUME = ["reinforce", "reinforce_baseline"]  # batches start from reset envs: resume is exact
-CRITIC = {"reinforce_baseline", "actor_critic"}  # with their default flags, these log a value loss
-R, RB, AC = "reinforce", "reinforce_baseline", "actor_critic"
+CRITIC = {"reinforce_baseline", "actor_critic", "ppo"}  # with their default flags, these log a value loss
+R, RB, AC, PPO = "reinforce", "reinforce_baseline", "actor_critic", "ppo"
 
 EPISODES_HEADER = ["seed", "global_step", "wall_time", "episodic_return", "episodic_length"]
 UPDATES_HEADER = ["seed", "global_step", "wall_time", "policy_loss", "value_loss", "entropy", "grad_norm", "sps"]
@@ -291,9 +291,14 @@ SHARED_RUNS = {
 }
 
 
+# ppo's continuous-action defaults take 320 Adam steps per rollout: 2 minibatches keep the tiny Pendulum run quick
+SHARED_EXTRA = {("ppo", "pendulum"): ["--num-minibatches", 2]}
+
+
 def make_shared_run(script: str, name: str, directory: Path) -> Path:
     """Run script with SHARED_RUNS[name] in directory; return its run directory."""
-    r = run_script(script, *SHARED_RUNS[name], "--run-dir", "run", cwd=directory)
+    r = run_script(script, *SHARED_RUNS[name], *SHARED_EXTRA.get((script, name), []), "--run-dir", "run",
+                   cwd=directory)
     assert_ok(r)
     return directory / "run"
 

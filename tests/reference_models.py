@@ -89,10 +89,8 @@ class ReferenceAgent(nn.Module):
     def value(self, obs):
         return self.v(self.trunk(obs)).squeeze(-1)
 
-    def loss(self, obs, actions, valid, returns, advantages, ent_coef, vf_coef=1.0):
-        """(loss, pg_loss, value_loss, entropy) over the valid steps; obs [T(+1), N, obs_dim], rest [T, N]."""
-        T = actions.shape[0]
-        obs = obs[:T]
+    def log_prob_entropy(self, obs, actions):
+        """log pi(a|s) and the entropy of pi(.|s) from torch.distributions, [...] for obs [..., obs_dim]."""
         out = self.pi(self.trunk(obs))
         if self.continuous:
             std = self.log_std.exp()
@@ -100,10 +98,15 @@ class ReferenceAgent(nn.Module):
                 features = self.pi[:-1](self.trunk(obs)).detach()
                 std = (features.square() @ std.square() + 1e-6).sqrt()
             dist = Normal(out, std)
-            logp, ent = dist.log_prob(actions).sum(-1), dist.entropy().sum(-1)
-        else:
-            dist = Categorical(logits=out)
-            logp, ent = dist.log_prob(actions.long()), dist.entropy()
+            return dist.log_prob(actions).sum(-1), dist.entropy().sum(-1)
+        dist = Categorical(logits=out)
+        return dist.log_prob(actions.long()), dist.entropy()
+
+    def loss(self, obs, actions, valid, returns, advantages, ent_coef, vf_coef=1.0):
+        """(loss, pg_loss, value_loss, entropy) over the valid steps; obs [T(+1), N, obs_dim], rest [T, N]."""
+        T = actions.shape[0]
+        obs = obs[:T]
+        logp, ent = self.log_prob_entropy(obs, actions)
         mask = valid.bool()
         pg_loss = -(logp[mask] * advantages[mask]).mean()
         entropy = ent[mask].mean()

@@ -862,7 +862,7 @@ def test_gsde_noise_is_held_for_gsde_every_steps_across_rollouts():
     generator = torch.Generator().manual_seed(8)
     batches = [ac.Batch(*(x.clone() for x in rollout.collect(stacked, None, generator)[0]))  # (it shares buffers)
                for _ in range(3)]  # 9 steps per env
-    rollout.close()
+    rollout.envs.close()
     obs = torch.cat([b.obs[:-1, 0] for b in batches])  # [9, 2 envs, 3]
     actions = torch.cat([b.actions[:, 0] for b in batches])  # [9, 2, 1], unclipped
     out, features = ac.mlp(params, "pi", obs, features=True)

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cli_helpers import (AC, R, RB, SCRIPTS, assert_ok, describe, read_config, read_csv, run_script, snapshot,
+from cli_helpers import (AC, PPO, R, RB, SCRIPTS, assert_ok, describe, read_config, read_csv, run_script, snapshot,
                          write_testenvs)
 
 
@@ -71,6 +71,12 @@ BAD_INPUT = [
     *bad([AC], ["--gae-lambda", "1.5"], ["--gae-lambda", "1.5"], "gae-lambda-1.5"),
     *bad([AC], ["--vf-coef", "-1"], ["--vf-coef", "-1"], "vf-coef-negative"),
     *bad([AC], ["--gsde-every", "-1"], ["--gsde-every", "-1"], "gsde-every-negative"),
+    *bad([PPO], ["--update-epochs", "0"], ["--update-epochs", "0"], "update-epochs-0"),
+    *bad([PPO], ["--num-minibatches", "0"], ["--num-minibatches", "0"], "num-minibatches-0"),
+    *bad([PPO], ["--num-envs", "2", "--num-steps", "4", "--num-minibatches", "9"], ["--num-minibatches", "9", "8"],
+         "more-minibatches-than-steps"),
+    *bad([PPO], ["--clip-coef", "0"], ["--clip-coef", "0"], "clip-coef-0"),
+    *bad([PPO], ["--target-kl", "-0.01"], ["--target-kl", "-0.01"], "target-kl-negative"),
     # several agents (--num-seeds, grids of --learning-rate / --ent-coef)
     *bad(ALL, ["--num-seeds", "0"], ["--num-seeds", "0"], "num-seeds-0"),
     *bad([R, AC], ["--learning-rate", "1e-3", "-1"], ["--learning-rate", "-1"], "learning-rate-grid-negative"),

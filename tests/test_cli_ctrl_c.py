@@ -25,9 +25,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from cli_helpers import (AC, EXACT_RESUME, FULL, HALF, R, RB, REFERENCE, SCRIPTS, assert_continued_rows, assert_ok,
-                         assert_one_adam_step, describe, load_checkpoint, load_raw_checkpoint, popen_script, read_csv,
-                         rollout_size, run_script, script_path, steps, up_to, without, write_testenvs)
+from cli_helpers import (AC, EXACT_RESUME, FULL, HALF, PPO, R, RB, REFERENCE, SCRIPTS, assert_continued_rows,
+                         assert_ok, assert_one_adam_step, describe, load_checkpoint, load_raw_checkpoint, popen_script,
+                         read_csv, rollout_size, run_script, script_path, steps, up_to, without, write_testenvs)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -166,6 +166,8 @@ def test_ctrl_c_before_the_first_update(tmp_path, script):
 # Adam's first step moves every parameter by ~lr: with lr 1e30 and no clipping the next loss is NaN.
 NAN_FLAGS = ["--env-id", "Pendulum-v1", "--learning-rate", "1e30", "--max-grad-norm", "inf",
              "--total-timesteps", "20000", "--eval-every", "0"]
+# ppo: one Adam step per update, so that (as in the other scripts) the first update is still finite
+ONE_STEP = {PPO: ["--update-epochs", "1", "--num-minibatches", "1"]}
 
 
 def assert_non_finite_error(r: subprocess.CompletedProcess) -> int:
@@ -179,7 +181,8 @@ def assert_non_finite_error(r: subprocess.CompletedProcess) -> int:
 
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_non_finite_loss_stops_with_a_message_and_keeps_the_last_checkpoint(tmp_path, script):
-    r = run_script(script, *NAN_FLAGS, "--save-every", 1000, "--run-dir", "run", cwd=tmp_path)
+    r = run_script(script, *NAN_FLAGS, *ONE_STEP.get(script, []), "--save-every", 1000, "--run-dir", "run",
+                   cwd=tmp_path)
     failed_at = assert_non_finite_error(r)
     ckpt = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
     _, updates = read_csv(tmp_path / "run" / "updates.csv")

@@ -20,10 +20,11 @@ import os
 import re
 from pathlib import Path
 
+import gymnasium as gym
 import pytest
 import torch
 
-from cli_helpers import (AC, CRITIC, R, RB, SCRIPTS, args_fields, assert_ok, load_checkpoint, read_config, read_csv,
+from cli_helpers import (AC, CRITIC, PPO, R, RB, SCRIPTS, args_fields, assert_ok, load_checkpoint, read_config, read_csv,
                          run_script, script_path, steps, write_testenvs)
 
 
@@ -46,7 +47,12 @@ SCRIPT_FLAGS = {
          ["--normalize-returns", "--gae-lambda", "--vf-coef", "--shared-trunk"]),
     AC: (["--gae-lambda", "--vf-coef", "--normalize-advantages", "--no-normalize-advantages", "--shared-trunk",
           "--no-shared-trunk", "--num-steps"],
-         ["--return-type", "--normalize-returns", "--baseline", "--value-learning-rate"]),
+         ["--return-type", "--normalize-returns", "--baseline", "--value-learning-rate", "--update-epochs",
+          "--clip-coef"]),
+    PPO: (["--update-epochs", "--num-minibatches", "--clip-coef", "--clip-vloss", "--no-clip-vloss", "--target-kl",
+           "--gae-lambda", "--vf-coef", "--normalize-advantages", "--no-normalize-advantages", "--shared-trunk",
+           "--gsde-every", "--num-steps"],
+          ["--return-type", "--normalize-returns", "--baseline", "--value-learning-rate"]),
 }
 
 
@@ -135,8 +141,8 @@ def test_runs_on_other_envs_and_flags(tmp_path, flags, script):
     r = run_script(script, *flags, "--run-dir", "run", cwd=tmp_path, env=env)
     assert_ok(r)
     episodes, updates = check_run(tmp_path / "run", script)
-    if "MountainCarContinuous-v0" in flags:
-        assert all(row["episodic_length"] == "999" for row in episodes)
+    if "MountainCarContinuous-v0" in flags:  # the time limit, or the goal (+100, less the actions' cost) before it
+        assert all(row["episodic_length"] == "999" or 0 < float(row["episodic_return"]) <= 100 for row in episodes)
     if "Acrobot-v1" in flags:
         assert all(-500 <= float(row["episodic_return"]) <= 0 for row in episodes)
         assert 0 < float(updates[0]["entropy"]) <= math.log(3) + 1e-6
@@ -194,6 +200,18 @@ def _gae_lambda(run_dir, config, ckpt, updates):
     assert config["gae_lambda"] == 0.95 and config["vf_coef"] == 0.25 and config["normalize_advantages"] is True
 
 
+def _ppo(run_dir, config, ckpt, updates):
+    """PPO's own columns: the approximate KL, the clip fraction and the epochs each update took (--target-kl may
+    end one early: at least one minibatch of the first epoch, at most --update-epochs)."""
+    assert (config["update_epochs"], config["num_minibatches"], config["clip_vloss"], config["target_kl"]) == \
+        (3, 4, True, 0.005)
+    assert ckpt["opt_state"]["step"] == sum(round(float(row["epochs"]) * 4) for row in updates)
+    for row in updates:
+        assert 0.25 <= float(row["epochs"]) <= 3 and float(row["approx_kl"]) >= 0
+        assert 0 <= float(row["clip_fraction"]) <= 1
+    assert any(float(row["epochs"]) < 3 for row in updates), "--target-kl 0.005 never ended an update early"
+
+
 def _linear(run_dir, config, ckpt, updates):
     assert list(config["hidden_sizes"]) == []
     assert ckpt["params"]["pi.0.weight"].shape == (2, 4) and "pi.1.weight" not in ckpt["params"]
@@ -216,6 +234,9 @@ SCRIPT_SPECIFIC = [
                       "--total-timesteps", 3000], _gae_lambda, id="actor_critic-gae-lambda-vf-coef-normalize"),
     pytest.param(AC, ["--hidden-sizes", "--shared-trunk", "--total-timesteps", 2000], _linear,
                  id="actor_critic-linear-shared-trunk"),
+    pytest.param(PPO, ["--update-epochs", 3, "--num-minibatches", 4, "--clip-vloss", "--target-kl", 0.005,
+                       "--learning-rate", 0.003, "--total-timesteps", 6000], _ppo, id="ppo-epochs-minibatches-kl"),
+    pytest.param(PPO, ["--shared-trunk", "--total-timesteps", 3000], _shared_trunk, id="ppo-shared-trunk"),
 ]
 
 
@@ -275,13 +296,14 @@ def test_anneal_lr_gives_every_update_each_agents_scheduled_rate(tmp_path, monke
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def continuous_defaults(script: str) -> dict:
-    """The script's CONTINUOUS_DEFAULTS table, read from its source (the scripts are not imported here)."""
+def defaults_table(script: str, name: str = "CONTINUOUS_DEFAULTS") -> dict:
+    """The script's CONTINUOUS_DEFAULTS (or ENV_DEFAULTS) table, read from its source (no import)."""
     tree = ast.parse(script_path(script).read_text())
     for node in tree.body:
-        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "CONTINUOUS_DEFAULTS" for t in node.targets):
+        target = node.targets[0] if isinstance(node, ast.Assign) else getattr(node, "target", None)
+        if isinstance(node, (ast.Assign, ast.AnnAssign)) and getattr(target, "id", None) == name:
             return ast.literal_eval(node.value)
-    raise AssertionError(f"{script} has no CONTINUOUS_DEFAULTS")
+    raise AssertionError(f"{script} has no {name}")
 
 
 def flag_of(field: str, value) -> str:
@@ -293,20 +315,21 @@ def flag_of(field: str, value) -> str:
 
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_continuous_actions_take_their_defaults_say_so_and_flags_override_them(tmp_path, script):
-    table = continuous_defaults(script)
+    table = defaults_table(script)
     assert table and set(table) <= set(args_fields(script)), table
     common = ["--total-timesteps", 400, "--eval-every", 0,
               *[token for field, value in (("num_envs", 2), ("num_steps", 8)) if field not in table
                 for token in flag_of(field, value).split()]]
     # --help (the fields' docstrings) says what continuous actions change
     for field, value in table.items():
-        shown = ("on" if value else "off") if isinstance(value, bool) else str(value)
+        shown = ("on" if value else "off") if isinstance(value, bool) else \
+            " ".join(map(str, value)) if isinstance(value, tuple) else str(value)
         assert f"continuous actions: {shown}" in " ".join(args_fields(script)[field].split()), (field, value)
     # a continuous env: the run takes the table, and its first line of output lists it
     r = run_script(script, "--env-id", "Pendulum-v1", *common, "--run-dir", "box", cwd=tmp_path)
     assert_ok(r)
     first = r.stdout.splitlines()[0]
-    assert first.startswith("continuous actions: defaults"), first
+    assert first.startswith("defaults for Pendulum-v1: "), first
     config = read_config(tmp_path / "box")
     for field, value in table.items():
         assert config[field] == (list(value) if isinstance(value, tuple) else value), field
@@ -322,14 +345,50 @@ def test_continuous_actions_take_their_defaults_say_so_and_flags_override_them(t
     for field, value in overrides.items():
         assert config[field] == (list(value) if isinstance(value, tuple) else value), field
         assert flag_of(field, table[field]) not in r.stdout.splitlines()[0]
-    # a discrete env keeps the plain defaults and prints no such line
-    r = run_script(script, "--env-id", "CartPole-v1", *common, "--run-dir", "discrete", cwd=tmp_path)
+    # a discrete env (and in no ENV_DEFAULTS) keeps the plain defaults and prints no such line
+    r = run_script(script, "--env-id", "testenvs:Tiny-v0", *common, "--run-dir", "discrete", cwd=tmp_path,
+                   env=write_testenvs(tmp_path))
     assert_ok(r)
-    assert "continuous actions" not in r.stdout
+    assert "defaults for" not in r.stdout
     config = read_config(tmp_path / "discrete")
     plain = args_fields_defaults(script)
     for field in table:
         assert config[field] == plain[field], field
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_env_ids_in_the_table_take_its_defaults_say_so_and_flags_override_them(tmp_path, script):
+    """ENV_DEFAULTS (right under Args): an env id in it takes its entry on top of the action space's defaults, the
+    first line of output and config.json's defaults_taken say which flags it took, --help lists the table, and any
+    flag given wins."""
+    table, continuous = defaults_table(script, "ENV_DEFAULTS"), defaults_table(script)
+    fields = args_fields(script)
+    assert all(set(entry) <= set(fields) for entry in table.values()), table
+    r = run_script(script, "--help", cwd=tmp_path, env={**os.environ, "COLUMNS": "200"})
+    help_text = " ".join(re.sub(r"[\u2500-\u257f]", " ", r.stdout).split())
+    assert "Defaults by env" in help_text and all(f"{env}: " in help_text for env in table), help_text[:3000]
+    for i, (env, entry) in enumerate(table.items()):
+        common = ["--total-timesteps", 300, "--eval-every", 0, "--save-every", 0]
+        r = run_script(script, "--env-id", env, *common, "--run-dir", f"r{i}", cwd=tmp_path, timeout=300)
+        assert_ok(r)
+        first, config = r.stdout.splitlines()[0], read_config(tmp_path / f"r{i}")
+        assert first.startswith(f"defaults for {env}: "), first
+        for field, value in entry.items():
+            assert config[field] == (list(value) if isinstance(value, tuple) else value), (env, field)
+            assert flag_of(field, value) in first and flag_of(field, value) in config["defaults_taken"], (env, field)
+        box = isinstance(gym.make(env).action_space, gym.spaces.Box)
+        taken = {**(continuous if box else {}), **entry}  # every value is the default here: all of them taken
+        assert config["defaults_taken"] == [flag_of(k, v) for k, v in taken.items()], (env, config["defaults_taken"])
+    # a flag given wins over the entry, and the first line no longer claims it
+    env, entry = next(iter(table.items()))
+    field, value = next(iter(entry.items()))
+    other = (not value) if isinstance(value, bool) else tuple(v * 0.5 for v in value) if isinstance(value, tuple) \
+        else value + 1 if isinstance(value, int) else round(value * 0.9, 6)
+    r = run_script(script, "--env-id", env, *flag_of(field, other).split(), "--total-timesteps", 300,
+                   "--eval-every", 0, "--run-dir", "given", cwd=tmp_path, timeout=300)
+    assert_ok(r)
+    assert read_config(tmp_path / "given")[field] == (list(other) if isinstance(other, tuple) else other)
+    assert flag_of(field, value) not in r.stdout.splitlines()[0]
 
 
 def args_fields_defaults(script: str) -> dict:

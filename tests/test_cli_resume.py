@@ -8,10 +8,11 @@ line) is cleaned up on resume.
 Resume: reinforce.py and reinforce_baseline.py reset their envs at every batch with a seed derived from (seed,
 batch index), so a resumed run is exactly an uninterrupted one. actor_critic.py's episodes run across rollouts;
 a resumed run restarts its envs with fresh episodes (its docstring says so), so for it the tests check what must
-still carry over: counters, parameters, optimizer state, the run directory and its rows.
+still carry over: counters, parameters, optimizer state, the run directory and its rows. ppo.py's the same, and its
+random streams (action noise, each agent's minibatch shuffles) go on exactly where the checkpoint left them.
 
 Each test runs a script the way a user does and checks what it prints and writes (tests/cli_helpers.py says
-how); most are parametrized over the three scripts, which share one contract.
+how); most are parametrized over the four scripts, which share one contract.
 """
 
 from __future__ import annotations
@@ -22,9 +23,9 @@ import shutil
 import pytest
 import torch
 
-from cli_helpers import (AC, EPISODES_HEADER, EXACT_RESUME, FULL, SCRIPTS, assert_continued_rows, assert_ok,
-                         assert_one_adam_step, load_checkpoint, load_raw_checkpoint, read_config, read_csv, rollout_size,
-                         run_script, steps, up_to, without)
+from cli_helpers import (AC, EPISODES_HEADER, EXACT_RESUME, FULL, PPO, SCRIPTS, assert_continued_rows, assert_ok,
+                         assert_one_adam_step, load_checkpoint, load_raw_checkpoint, read_config, read_csv,
+                         rollout_size, run_script, steps, up_to, without)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -117,6 +118,39 @@ def test_actor_critic_resume_continues_counters_parameters_and_optimizer(tmp_pat
     assert read_config(run_dir)["total_timesteps"] == FULL
 
 
+def test_ppo_resume_continues_counters_parameters_optimizer_and_random_streams(tmp_path, shared):
+    """ppo's resume restarts its envs, as actor_critic's does; the update after the checkpoint starts from its
+    parameters and Adam state (one update: update_epochs x num_minibatches more Adam steps), the counters and rows
+    go on, and the generators (action noise, each agent's minibatch shuffles) continue exactly: a run stopped at
+    HALF and resumed to FULL ends with the random streams of a straight run to FULL."""
+    half_run, straight_run = shared(PPO, "half"), shared(PPO, "straight")
+    run_dir = tmp_path / "B"
+    shutil.copytree(half_run, run_dir)
+    saved = load_checkpoint(run_dir / "checkpoint.pt")
+    before = {name: read_csv(run_dir / f"{name}.csv")[1] for name in ("updates", "episodes")}
+    per_update = saved["args"]["update_epochs"] * saved["args"]["num_minibatches"]
+    assert float(saved["opt_state"]["step"]) == saved["num_updates"] * per_update
+
+    r = run_script(PPO, "--resume", run_dir, "--total-timesteps", saved["global_step"] + 1, "--eval-every", 0,
+                   cwd=tmp_path)
+    assert_ok(r)
+    one = load_checkpoint(run_dir / "checkpoint.pt")
+    assert one["num_updates"] == saved["num_updates"] + 1
+    assert one["global_step"] == saved["global_step"] + rollout_size(saved["args"])
+    assert float(one["opt_state"]["step"]) == float(saved["opt_state"]["step"]) + per_update
+    assert all(not torch.equal(one["params"][k], saved["params"][k]) for k in saved["params"])
+    assert_continued_rows(run_dir, before, saved)
+
+    r = run_script(PPO, "--resume", run_dir, "--total-timesteps", FULL, "--eval-every", 10000, cwd=tmp_path)
+    assert_ok(r)
+    assert_continued_rows(run_dir, before, saved)
+    resumed, straight = (load_raw_checkpoint(d / "checkpoint.pt") for d in (run_dir, straight_run))
+    assert resumed["num_updates"] == straight["num_updates"]
+    assert resumed["rng_state"].shape[0] == 2  # the action noise, and the one agent's shuffles
+    assert torch.equal(resumed["rng_state"], straight["rng_state"]), "a random stream restarted on resume"
+    assert not torch.equal(resumed["rng_state"], load_raw_checkpoint(half_run / "checkpoint.pt")["rng_state"])
+
+
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_resume_after_a_crash_drops_a_half_written_csv_row(tmp_path, shared, script):
     """A crash (kill -9, power loss) after the last checkpoint can leave rows past it and a cut-off last line."""
@@ -153,7 +187,7 @@ def test_a_checkpoint_of_another_kind_of_device_resumes_with_a_fresh_action_nois
     for name in ("B", "C"):
         run_dir = tmp_path / name
         shutil.copytree(half_run, run_dir)
-        torch.save({**saved, "rng_state": torch.zeros(len(saved["agents"]), 16, dtype=torch.uint8)},
+        torch.save({**saved, "rng_state": torch.zeros(len(saved["rng_state"]), 16, dtype=torch.uint8)},
                    run_dir / "checkpoint.pt")
         r = run_script(script, "--resume", run_dir, "--total-timesteps", FULL, "--eval-every", 0, cwd=tmp_path)
         assert_ok(r)

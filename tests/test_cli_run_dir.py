@@ -20,9 +20,9 @@ import gymnasium as gym
 import pytest
 import torch
 
-from cli_helpers import (AC, CRITIC, EPISODES_HEADER, EVAL_HEADER, FULL, REFERENCE, RUN_FILES, SCRIPTS, UPDATES_HEADER,
-                         args_fields, assert_ok, describe, load_checkpoint, read_config, read_csv, rollout_size,
-                         run_script, script_path, steps, without)
+from cli_helpers import (AC, CRITIC, EPISODES_HEADER, EVAL_HEADER, FULL, PPO, REFERENCE, RUN_FILES, SCRIPTS,
+                         UPDATES_HEADER, args_fields, assert_ok, describe, load_checkpoint, read_config, read_csv,
+                         rollout_size, run_script, script_path, steps, without)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -90,7 +90,7 @@ def test_default_run_writes_config_csvs_and_checkpoint(tmp_path, script):
     assert update_steps == sorted(set(update_steps)), "updates.csv global_step must strictly increase"
     assert update_steps[-1] >= 5000, "stopped before --total-timesteps"
     assert episode_steps[-1] <= update_steps[-1]
-    if script == AC:  # fixed rollouts: every update adds num_steps * num_envs steps
+    if script in (AC, PPO):  # fixed rollouts: every update adds num_steps * num_envs steps
         size = rollout_size(config)
         assert update_steps == [size * (i + 1) for i in range(len(updates))]
         assert update_steps[-1] - size < 5000, "ran a rollout past --total-timesteps"

@@ -295,7 +295,7 @@ def fixture_dirs(root: Path) -> None:
 
 
 BAD_INPUT = [
-    (["--algos", "reinforce", "ppo"], ["--algos", "ppo", "allowed", "actor_critic, sb3_a2c"]),
+    (["--algos", "reinforce", "trpo"], ["--algos", "trpo", "allowed", "actor_critic, ppo, sb3_a2c, sb3_ppo"]),
     (["--algos"], ["--algos", "allowed"]),
     (["--from", "missing"], ["'missing'", "no such directory"]),
     (["--from", "empty"], ["'empty'", "no config.json"]),
@@ -431,10 +431,11 @@ def test_controlled_flag_in_every_spelling(token, flag):
     assert compare.controlled_flag(token) == flag
 
 
-def test_sb3_a2c_is_allowed_but_not_a_default():
-    assert compare.CompareArgs().algos == ("reinforce", "reinforce_baseline", "actor_critic")
-    assert compare.ALLOWED_ALGOS == ["reinforce", "reinforce_baseline", "actor_critic", "sb3_a2c"]
-    assert compare.script_of("sb3_a2c") == "sb3_reference" and compare.script_of("actor_critic") == "actor_critic"
+def test_sb3_references_are_allowed_but_not_defaults():
+    assert compare.CompareArgs().algos == ("reinforce", "reinforce_baseline", "actor_critic", "ppo")
+    assert compare.ALLOWED_ALGOS == ["reinforce", "reinforce_baseline", "actor_critic", "ppo", "sb3_a2c", "sb3_ppo"]
+    assert compare.script_of("sb3_a2c") == compare.script_of("sb3_ppo") == "sb3_reference"
+    assert compare.script_of("actor_critic") == "actor_critic" and compare.script_of("ppo") == "ppo"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -522,9 +523,25 @@ def test_sb3_a2c_beside_actor_critic_on_the_same_seeds_and_budget(tmp_path):
         returns = [float(e["episodic_return"]) for e in episodes if e["seed"] == s["seed"]]
         assert float(s["final_return"]) == pytest.approx(np.mean(returns[-100:]))
         assert int(s["episodes"]) == len(returns)
-    alone = sb3_reference.run_sb3_a2c("CartPole-v1", 6, 3000, settings="zoo")
+    alone = sb3_reference.run_sb3("CartPole-v1", 6, 3000, settings="zoo")
     assert [float(e["episodic_return"]) for e in episodes if e["seed"] == "6"] == [x for _, _, x in alone["episodes"]]
     assert "| CartPole-v1 | sb3_a2c | 2 |" in (tmp_path / "cmp" / "summary.md").read_text()
+
+
+@needs_sb3
+@pytest.mark.slow
+def test_sb3_ppo_beside_ppo_on_the_same_seeds_and_budget(tmp_path):
+    """--algos ppo sb3_ppo: SB3's PPO with the zoo's settings (sb3_reference.py --algo ppo) on the same seeds and
+    budget, even when --algo-args asks sb3_ppo for the other algorithm (compare.py's --algo wins)."""
+    r = run_compare(["--algos", "ppo", "sb3_ppo", "--num-seeds", "2", "--seed", "5", "--total-timesteps", "2048",
+                     "--algo-args", "sb3_ppo:--algo a2c", "--threshold", "20", "--out", "cmp"], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    rows = read_rows(tmp_path / "cmp" / "summary.csv")
+    assert [(row["algorithm"], row["seeds"]) for row in rows] == [("ppo", "2"), ("sb3_ppo", "2")]
+    [run_dir] = [p for p in (tmp_path / "runs").iterdir() if "__sb3_ppo__" in p.name]
+    config = json.loads((run_dir / "config.json").read_text())
+    assert (config["algorithm"], config["settings"], config["total_timesteps"]) == ("sb3_ppo", "zoo", 2048)
+    assert [a["seed"] for a in config["agents"]] == [5, 6] and config["hyperparams"]["n_epochs"] == 20
 
 
 @needs_sb3

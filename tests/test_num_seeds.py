@@ -20,8 +20,8 @@ import pytest
 import torch
 
 from cli_helpers import load_raw_checkpoint as load_checkpoint
-from cli_helpers import (AC, CRITIC, EXACT_RESUME, RB, SCRIPTS, R, assert_ok, describe, module_of, read_config, read_csv,
-                         run_script, without)
+from cli_helpers import (AC, CRITIC, EXACT_RESUME, PPO, RB, SCRIPTS, R, assert_ok, describe, module_of, read_config,
+                         read_csv, run_script, without)
 from helpers import agent_hyper, flatten, stacked_norm
 
 
@@ -40,17 +40,22 @@ def per_seed(rows: list[dict], key: str = "seed") -> dict[str, list[dict]]:
 def stacked_batch(module, num_agents: int, num_envs: int = 4, num_steps: int = 24):
     """Stacked parameters, Adam states, normalization states and hyperparameters of num_agents agents (seeds 1..A, learning rates and
     entropy coefficients differing per agent), and one real CartPole batch [T, A, N, ...] of all of them."""
+    one_step = {"update_epochs": 1, "num_minibatches": 1} if module.ALGORITHM == "ppo" else {}  # one Adam step
     args = module.Args(num_seeds=num_agents, num_envs=num_envs, num_steps=num_steps, normalize_obs=True,
-                       normalize_reward=True)
+                       normalize_reward=True, **one_step)
     envs = module.make_env("CartPole-v1", num_agents * num_envs)
     per_agent = [module.init_params(4, 2, (16,), False, torch.Generator().manual_seed(a)) for a in range(1, num_agents + 1)]
     params = module.stack_agents(per_agent)
     opt_state = module.stack_agents([module.adam_init(p) for p in per_agent])
     hyper = agent_hyper([1e-3 * (a + 1) for a in range(num_agents)], [0.01 * a for a in range(num_agents)])
-    if module.ALGORITHM == "actor_critic":
+    if module.ALGORITHM in ("actor_critic", "ppo"):
         batch, _, _ = module.Rollout(envs, num_agents, num_steps, torch.device("cpu"), 7).collect(
             params, None, torch.Generator().manual_seed(0))
         envs.close()
+        if module.ALGORITHM == "ppo":  # each agent's minibatch order of each epoch, from its own generator
+            orders = [torch.stack([torch.randperm(num_steps * num_envs, generator=torch.Generator().manual_seed(a))
+                                   for _ in range(args.update_epochs)]) for a in range(num_agents)]
+            batch = batch._replace(order=torch.stack(orders, 1))
     else:  # one vector env per agent
         envs.close()
         rollout = module.Rollout([module.make_env("CartPole-v1", num_envs) for _ in range(num_agents)], num_steps,
@@ -136,7 +141,7 @@ def test_agent_i_starts_from_the_parameters_of_a_one_seed_run_with_seed_plus_i(t
     returns = {seed: [r["episodic_return"] for r in rows] for seed, rows in per_seed(episodes).items()}
     assert sorted(returns) == ["5", "6", "7"]
     assert returns["5"] != returns["6"] and returns["6"] != returns["7"]
-    if script != AC:
+    if script not in (AC, PPO):
         # REINFORCE: an agent's envs, env seeds and action noise are a one-seed run's, and nothing of the other
         # agents reaches them: with parameters that do not move, agent 6 lives exactly the solo run's episodes
         _, solo_episodes = read_csv(tmp_path / "solo" / "episodes.csv")
@@ -159,7 +164,7 @@ def test_k_seed_run_writes_every_output_per_seed(tmp_path, script):
     by_seed = per_seed(updates)
     assert sorted(by_seed) == ["1", "2", "3"]
     counts = {seed: len(rows) for seed, rows in by_seed.items()}
-    if script == AC:  # fixed rollouts: every agent is updated at every update
+    if script in (AC, PPO):  # fixed rollouts: every agent is updated at every update
         assert len(set(counts.values())) == 1, counts
     final_steps = {seed: int(rows[-1]["global_step"]) for seed, rows in by_seed.items()}
     for seed, rows in by_seed.items():  # each agent learns until its own budget, then stops
@@ -169,13 +174,13 @@ def test_k_seed_run_writes_every_output_per_seed(tmp_path, script):
         s = [int(row["global_step"]) for row in rows]
         assert s == sorted(set(s)), f"seed {seed}: global_step must strictly increase"
         increments = np.diff([0] + s)
-        if script == AC:  # fixed rollouts
+        if script in (AC, PPO):  # fixed rollouts
             assert set(increments) == {config["num_steps"] * config["num_envs"]}
         else:  # complete episodes: at least num_steps per env, in whole vector steps
             assert all(d % config["num_envs"] == 0 and d >= config["num_steps"] * config["num_envs"] for d in increments)
         for row in rows:
             assert math.isfinite(float(row["policy_loss"])) and (row["value_loss"] != "") == (script in CRITIC)
-    if script != AC:  # each agent counts its own batches' steps (they end when its own episodes end)
+    if script not in (AC, PPO):  # each agent counts its own batches' steps (they end when its own episodes end)
         per_update = list(zip(*[[int(row["global_step"]) for row in rows] for rows in by_seed.values()]))
         assert any(len(set(step)) > 1 for step in per_update), "REINFORCE agents' steps never differed"
 

@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-# one file per algorithm (all three must exist: a missing one fails, it is not skipped)
-ALGORITHM_SCRIPTS = [REPO / "funcpg" / name for name in ("reinforce.py", "reinforce_baseline.py", "actor_critic.py")]
+# one file per algorithm (all four must exist: a missing one fails, it is not skipped)
+ALGORITHM_SCRIPTS = [REPO / "funcpg" / name
+                     for name in ("reinforce.py", "reinforce_baseline.py", "actor_critic.py", "ppo.py")]
 ALLOWED_THIRD_PARTY = {"torch", "gymnasium", "numpy", "tyro"}
 
 
@@ -150,7 +151,7 @@ def args_field_names(script: Path) -> list[str]:
 
 
 # the shared flags (as Args fields; --num-seeds comes with multi-seed training), plus num_steps and the
-# experiment plumbing that the three scripts share
+# experiment plumbing that the scripts share
 COMMON_FIELDS = ["env_id", "seed", "num_envs", "num_steps", "total_timesteps", "learning_rate", "gamma", "ent_coef",
                  "max_grad_norm", "hidden_sizes", "compile", "device", "target_return", "eval_every", "eval_episodes",
                  "eval_temperature", "save_every", "resume", "run_dir", "exp_name", "tensorboard", "capture_video",
@@ -172,7 +173,7 @@ def test_algorithm_scripts_share_the_common_args_and_names(script):
 
 
 MARKER = "# TRY NOT TO MODIFY"
-ALGORITHM_PART_BUDGET = 420  # lines above the marker: what a researcher reads to change the loss
+ALGORITHM_PART_BUDGET = {"ppo.py": 460}  # lines above the marker (420 for the others): what a researcher reads
 
 
 def split_at_marker(script: Path) -> tuple[list[str], list[str]]:
@@ -183,15 +184,15 @@ def split_at_marker(script: Path) -> tuple[list[str], list[str]]:
     return lines[:at[0]], lines[at[0]:]
 
 
-def test_the_plumbing_below_the_marker_is_the_same_in_the_three_scripts():
+def test_the_plumbing_below_the_marker_is_the_same_in_every_script():
     """Each script is the algorithm on top and, from the '# TRY NOT TO MODIFY' line on, a plumbing appendix that is
-    byte-identical in the three files (only the names and constants above the marker differ), so that a diff of two
+    byte-identical in the four files (only the names and constants above the marker differ), so that a diff of two
     scripts shows the algorithmic step only. The algorithm part stays within its line budget."""
     parts = {script.name: split_at_marker(script) for script in ALGORITHM_SCRIPTS}
     reference_name, (_, reference) = next(iter(parts.items()))
     for name, (algorithm, plumbing) in parts.items():
-        assert len(algorithm) <= ALGORITHM_PART_BUDGET, \
-            f"{name}: {len(algorithm)} lines above the marker; the budget is {ALGORITHM_PART_BUDGET}"
+        budget = ALGORITHM_PART_BUDGET.get(name, 420)
+        assert len(algorithm) <= budget, f"{name}: {len(algorithm)} lines above the marker; the budget is {budget}"
         if plumbing != reference:
             first = next((i for i, (a, b) in enumerate(zip(plumbing, reference)) if a != b),
                          min(len(plumbing), len(reference)))

@@ -92,6 +92,64 @@ def test_new_zoo_entries_build_the_zoo_models(env_id):
         model.get_env().close()
 
 
+# PPO: per env, n_envs, VecNormalize gamma, PPO attributes, initial learning rate / clip range and whether each
+# decays linearly, gSDE's log_std_init and ortho_init (values written out from the zoo's ppo.yml)
+ZOO_PPO_MODELS = {
+    "CartPole-v1": dict(n_envs=8, normalize_gamma=None, lr=0.001, lr_linear=True, clip=0.2, clip_linear=True,
+                        log_std_init=None, ortho_init=True,
+                        attrs=dict(n_steps=32, batch_size=256, n_epochs=20, gamma=0.98, gae_lambda=0.8, ent_coef=0.0,
+                                   vf_coef=0.5, max_grad_norm=0.5, use_sde=False)),
+    "LunarLander-v3": dict(n_envs=16, normalize_gamma=None, lr=3e-4, lr_linear=False, clip=0.2, clip_linear=False,
+                           log_std_init=None, ortho_init=True,
+                           attrs=dict(n_steps=1024, batch_size=64, n_epochs=4, gamma=0.999, gae_lambda=0.98,
+                                      ent_coef=0.01, use_sde=False)),
+    "Pendulum-v1": dict(n_envs=4, normalize_gamma=None, lr=1e-3, lr_linear=False, clip=0.2, clip_linear=False,
+                        log_std_init=0.0, ortho_init=True,
+                        attrs=dict(n_steps=1024, batch_size=64, n_epochs=10, gamma=0.9, gae_lambda=0.95, ent_coef=0.0,
+                                   use_sde=True, sde_sample_freq=4)),
+    "MountainCarContinuous-v0": dict(n_envs=1, normalize_gamma=0.9999, lr=7.77e-05, lr_linear=False, clip=0.1,
+                                     clip_linear=False, log_std_init=-3.29, ortho_init=False,
+                                     attrs=dict(n_steps=8, batch_size=256, n_epochs=10, gamma=0.9999, gae_lambda=0.9,
+                                                ent_coef=0.00429, vf_coef=0.19, max_grad_norm=5, use_sde=True)),
+}
+
+
+@needs_sb3
+@pytest.mark.parametrize("env_id", [pytest.param(env, marks=needs_box2d) if "Lunar" in env else env
+                                    for env in ZOO_PPO_MODELS])
+def test_zoo_ppo_entries_build_the_zoo_models(env_id):
+    import torch
+    from stable_baselines3 import PPO
+    from stable_baselines3.common.vec_env import VecNormalize
+
+    want = ZOO_PPO_MODELS[env_id]
+    model = sb3_reference._make_model(env_id, 0, "zoo", "ppo")
+    try:
+        assert isinstance(model, PPO) and model.n_envs == want["n_envs"] and model.seed == 0
+        for key, value in want["attrs"].items():
+            assert getattr(model, key) == pytest.approx(value), key
+        venv = model.get_env()
+        if want["normalize_gamma"] is None:
+            assert not isinstance(venv, VecNormalize)
+        else:
+            assert isinstance(venv, VecNormalize) and venv.norm_obs and venv.norm_reward
+            assert venv.gamma == pytest.approx(want["normalize_gamma"])
+        for schedule, value, linear in ((model.lr_schedule, want["lr"], want["lr_linear"]),
+                                        (model.clip_range, want["clip"], want["clip_linear"])):
+            assert schedule(1.0) == pytest.approx(value)
+            assert schedule(0.5) == pytest.approx(value * (0.5 if linear else 1.0))
+        assert isinstance(model.policy.optimizer, torch.optim.Adam) and model.policy.ortho_init == want["ortho_init"]
+        if want["log_std_init"] is not None:
+            np.testing.assert_allclose(model.policy.log_std.detach().numpy(), want["log_std_init"])
+        described = sb3_reference.describe(env_id, "zoo", "ppo")
+        assert (described["n_epochs"], described["batch_size"]) == (want["attrs"]["n_epochs"],
+                                                                     want["attrs"]["batch_size"])
+        assert described["clip_range"] == pytest.approx(want["clip"])
+        json.dumps(described)
+    finally:
+        model.get_env().close()
+
+
 def test_zoo_entries_of_the_v3_ids_copy_the_zoos_v2_entries():
     assert sb3_reference.ZOO_A2C["LunarLander-v3"] == {
         "n_envs": 8, "n_timesteps": 200_000, "policy": "MlpPolicy", "gamma": 0.995, "n_steps": 5,
@@ -109,6 +167,22 @@ def test_zoo_entries_of_the_v3_ids_copy_the_zoos_v2_entries():
 
 def run_mode(run_dir: Path, *flags: str) -> list[dict]:
     return sb3_reference.main(["--quiet", "--run-dir", str(run_dir), *flags])
+
+
+@needs_sb3
+def test_run_mode_with_ppo_writes_an_sb3_ppo_run(tmp_path):
+    """--algo ppo: SB3's PPO with the zoo's entry, labelled sb3_ppo in the run directory and for compare.py."""
+    run_dir = tmp_path / "run"
+    results = run_mode(run_dir, "--algo", "ppo", "--env-id", "CartPole-v1", "--seed", "5", "--total-timesteps", "1024")
+    config = json.loads((run_dir / "config.json").read_text())
+    assert (config["algorithm"], config["exp_name"], config["settings"]) == ("sb3_ppo", "sb3_ppo", "zoo")
+    assert config["zoo_hyperparams"] == sb3_reference.ZOO_PPO["CartPole-v1"]
+    assert (config["hyperparams"]["n_epochs"], config["hyperparams"]["batch_size"]) == (20, 256)
+    assert config["agents"] == [{"seed": 5, "learning_rate": 0.001, "ent_coef": 0.0}]
+    assert [(u["seed"], u["global_step"]) for u in read_rows(run_dir / "updates.csv")] == [("5", "1024")]
+    _, agents = compare.run_agents(str(run_dir))
+    assert [(a.label, a.algorithm, a.seed) for a in agents] == [("sb3_ppo", "sb3_ppo", 5)]
+    assert results[0]["episodes"] and len(agents[0].returns) == len(results[0]["episodes"])
 
 
 @needs_sb3
@@ -152,8 +226,8 @@ def test_run_mode_writes_a_run_directory_compare_reads(tmp_path):
     assert row["final_return_mean"] == pytest.approx(np.mean([r["last100_mean"] for r in results]))
     assert row["steps_per_s"] == pytest.approx(speed["steps_per_s"])
 
-    # SB3's seed is our seed: seed 4 of the run is run_sb3_a2c's seed 4 (episode for episode)
-    alone = sb3_reference.run_sb3_a2c("CartPole-v1", 4, 2000, settings="zoo")
+    # SB3's seed is our seed: seed 4 of the run is run_sb3's seed 4 (episode for episode)
+    alone = sb3_reference.run_sb3("CartPole-v1", 4, 2000, settings="zoo")
     assert [(s, x) for s, _, x in alone["episodes"]] == [(s, x) for s, _, x in results[1]["episodes"]]
 
 

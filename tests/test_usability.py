@@ -11,13 +11,14 @@ from pathlib import Path
 import pytest
 
 import funcpg.actor_critic
+import funcpg.ppo
 import funcpg.reinforce
 import funcpg.reinforce_baseline
 from cli_helpers import assert_ok, read_config, run_script
 from helpers import read_rows
 
 REPO = Path(__file__).resolve().parents[1]
-MODULES = {m.ALGORITHM: m for m in (funcpg.reinforce, funcpg.reinforce_baseline, funcpg.actor_critic)}
+MODULES = {m.ALGORITHM: m for m in (funcpg.reinforce, funcpg.reinforce_baseline, funcpg.actor_critic, funcpg.ppo)}
 TINY = ["--total-timesteps", "3000", "--eval-every", "1500", "--eval-episodes", "2", "--quiet"]
 
 
@@ -61,26 +62,36 @@ def test_help_through_a_closed_pipe_and_under_python_m(tmp_path):
 
 @pytest.mark.parametrize("script", list(MODULES))
 def test_a_new_metric_is_one_edit_and_a_new_column(tmp_path, monkeypatch, script):
-    """A metric added to the dict make_agent_update's step returns becomes a column of updates.csv (after the
-    standard ones), with one value per update: nothing else has to change."""
+    """A metric added to the dict the update returns (ppo.py: the dict its loss_fn returns, averaged over the
+    update's minibatch steps) becomes a column of updates.csv (after the standard ones), with one value per update:
+    nothing else has to change."""
     module = MODULES[script]
-    original = module.make_agent_update
+    if script == "ppo":
+        loss_fn = module.loss_fn
 
-    def with_metric(args):
-        update = original(args)
+        def with_metric(params, steps, ent_coef, args):
+            loss, metrics = loss_fn(params, steps, ent_coef, args)
+            return loss, {**metrics, "mean_reward": steps.returns.mean().detach()}  # (returns, all > 0 here)
 
-        def step(params, opt_state, norm, batch, hyper):
-            params, opt_state, norm, metrics = update(params, opt_state, norm, batch, hyper)
-            return params, opt_state, norm, {**metrics, "mean_reward": batch.rewards.mean()}
+        monkeypatch.setattr(module, "loss_fn", with_metric)
+    else:
+        original = module.make_agent_update
 
-        return step
+        def with_metric(args, stage):
+            def add(fn, in_dims):  # wrap the one-agent update, then let make_update run it over the agents
+                def update(params, opt_state, norm, batch, hyper):
+                    params, opt_state, norm, metrics = fn(params, opt_state, norm, batch, hyper)
+                    return params, opt_state, norm, {**metrics, "mean_reward": batch.rewards.mean()}
+                return stage(update, in_dims)
+            return original(args, add)
 
-    monkeypatch.setattr(module, "make_agent_update", with_metric)
+        monkeypatch.setattr(module, "make_agent_update", with_metric)
     result = module.train(module.Args(total_timesteps=2000, eval_every=0, quiet=True, run_dir=str(tmp_path / "run")))
     with open(tmp_path / "run" / "updates.csv", newline="") as f:
         header = next(csv.reader(f))
+    extra = ["approx_kl", "clip_fraction", "epochs"] if script == "ppo" else []  # ppo's own metrics come first
     assert header == ["seed", "global_step", "wall_time", "policy_loss", "value_loss", "entropy", "grad_norm", "sps",
-                      "mean_reward"]
+                      *extra[:2], "mean_reward", *extra[2:]]
     values = [float(r["mean_reward"]) for r in read_rows(tmp_path / "run" / "updates.csv")]
     assert values and all(v > 0 for v in values), values  # CartPole: reward 1 per step
     assert result["global_step"][0] >= 2000
