@@ -6,9 +6,9 @@ Parts (--parts, any subset):
              and --num-envs); the parts below take their ratios to the ceiling from this same invocation
   threshold  per algorithm and seed, through the command line as a user runs it with default flags: env steps
              and wall seconds until the mean of the last 100 training returns reaches --threshold, and steps/s
-  sb3        the same for Stable-Baselines3 A2C with its defaults, in this process (needs stable-baselines3)
-  pendulum   actor_critic on Pendulum-v1 (its defaults) vs SB3 A2C with the RL-Zoo settings: mean of the
-             last 100 training returns after 300k steps, 3 seeds
+  sb3        the same for Stable-Baselines3 A2C and PPO with their defaults, in this process (needs stable-baselines3)
+  pendulum   actor_critic and ppo on Pendulum-v1 (what --env-id alone gives them) vs SB3 A2C and PPO with the RL-Zoo
+             settings: mean of the last 100 training returns after 300k steps, 3 seeds
   acrobot    actor_critic vs SB3 A2C (defaults) on Acrobot-v1: env steps to a mean return of -100, 3 seeds
   compile    the same training run end to end with --no-compile, --compile on a cold Inductor cache and
              --compile on a warm one; and one agent's update (scan + loss + grad + Adam) alone, eager vs compiled,
@@ -65,8 +65,6 @@ THROUGHPUT_TARGET = 0.40  # actor_critic's training steps/s at 8 envs, as a frac
 SEEDS_TARGET = (16, 8.0)  # 16 seeds in one process train >= 8x as many steps/s as one seed
 SCAN_TARGET = ((64, 1024), 10.0)  # the compiled scan >= 10x faster than the Python loop at N x T = 64x1024
 MEMORY_TARGET_MB = 600.0  # peak resident memory of a default (one-seed) run
-# actor_critic's flags for Pendulum-v1 (its defaults are tuned for CartPole); see the README
-PENDULUM_FLAGS: list[str] = []  # actor_critic's continuous-action defaults (what --env-id Pendulum-v1 alone gives)
 
 
 @dataclasses.dataclass
@@ -198,12 +196,13 @@ def bench_threshold(algo: str, env_id: str, threshold: Optional[float], max_step
             "median_process_seconds": float(np.median([r["process_seconds"] for r in runs]))}
 
 
-def bench_sb3(env_id: str, threshold: Optional[float], max_steps: int, seeds: list[int], settings: str) -> dict:
-    """SB3 A2C (funcpg/sb3_reference.py) per seed, in this process."""
+def bench_sb3(env_id: str, threshold: Optional[float], max_steps: int, seeds: list[int], settings: str,
+              algo: str = "a2c") -> dict:
+    """SB3 A2C or PPO (funcpg/sb3_reference.py) per seed, in this process."""
     sb3 = load_script("sb3_reference")
     runs = []
     for seed in seeds:
-        r = sb3.run_sb3_a2c(env_id, seed, max_steps, threshold, settings)
+        r = sb3.run_sb3(env_id, seed, max_steps, threshold, settings, algo=algo)
         # the threshold step by the same rule as for the funcpg runs (the callback only decides when to stop)
         episodes = np.array(r["episodes"], dtype=np.float64).reshape(-1, 3)  # [E, (global_step, wall, return)]
         hit = steps_to_threshold(*episodes.T, threshold) if threshold is not None else None
@@ -257,16 +256,20 @@ def update_per_call(args: BenchArgs, algo: str, module, num_envs: int, num_steps
                                                      margs.hidden_sizes, continuous, torch.Generator().manual_seed(0))])
     opt_state = module.stack_agents([module.adam_init(module.agent_slice(params, 0))])
     generator, cpu = torch.Generator().manual_seed(0), torch.device("cpu")
-    # actor_critic's state also carries each env's running return from one rollout to the next
-    norm = module.stack_agents([module.norm_init(obs_dim, num_envs, cpu) if algo == "actor_critic"
+    rollouts = algo in ("actor_critic", "ppo")  # fixed-size rollouts of envs that run on
+    # their state also carries each env's running return from one rollout to the next
+    norm = module.stack_agents([module.norm_init(obs_dim, num_envs, cpu) if rollouts
                                 else module.norm_init(obs_dim, cpu)])
     hyper = {"learning_rate": torch.tensor(margs.learning_rate[:1], dtype=torch.float64),
              "ent_coef": torch.tensor(margs.ent_coef[:1])}
-    if algo == "actor_critic":  # fixed-size rollouts of envs that run on
-        batch, _ = module.Rollout(envs, 1, num_steps, cpu, 0).collect(params, None, generator, lambda *a: None)
+    if rollouts:
+        batch, _, _ = module.Rollout(envs, 1, num_steps, cpu, 0).collect(params, None, generator)
+        if algo == "ppo":  # each epoch's order of the rollout's steps, as train() draws it
+            batch = batch._replace(order=torch.stack([torch.randperm(num_envs * num_steps, generator=generator)
+                                                      for _ in range(margs.update_epochs)]).unsqueeze(1))
     else:  # batches of complete episodes, padded to the buffer's capacity as under --compile
-        batch, _ = module.Rollout([envs], num_steps, cpu, fixed_shape=True).collect(
-            params, None, [generator], [0], np.ones(1, dtype=bool), lambda *a: None)
+        batch, _, _ = module.Rollout([envs], num_steps, cpu, fixed_shape=True).collect(
+            params, None, [generator], [0], np.ones(1, dtype=bool))
     envs.close()
     inputs = (params, opt_state, norm, batch, hyper)
     torch._dynamo.reset()
@@ -570,15 +573,19 @@ def main() -> None:
                 target(f"compiled scan at {n}x{t} >= {times:g}x faster than the loop",
                        r["compiled_speedup_vs_loop"] >= times, f"{r['compiled_speedup_vs_loop']:,.1f}x")
     if "sb3" in args.parts:
-        result["sb3_a2c"] = t = bench_sb3(args.env_id, args.threshold, max_steps, [s - 1 for s in seeds], "default")
-        threshold_row("SB3 A2C (defaults)", t)
+        for algo in ("a2c", "ppo"):
+            result[f"sb3_{algo}"] = t = bench_sb3(args.env_id, args.threshold, max_steps, [s - 1 for s in seeds],
+                                                  "default", algo)
+            threshold_row(f"SB3 {algo.upper()} (defaults)", t)
     control_seeds = seeds[:1] if args.quick else [1, 2, 3]
     if "pendulum" in args.parts:
         steps = 5_000 if args.quick else 300_000
-        ours = bench_threshold("actor_critic", "Pendulum-v1", None, steps, control_seeds, PENDULUM_FLAGS, workdir)
-        sb3 = bench_sb3("Pendulum-v1", None, steps, [s - 1 for s in control_seeds], "zoo")
-        result["pendulum"] = {"actor_critic": ours, "sb3_a2c_zoo": sb3}
-        for name, t in (("actor_critic", ours), ("SB3 A2C (RL-Zoo settings)", sb3)):
+        result["pendulum"] = {  # each script with what --env-id Pendulum-v1 alone gives it
+            **{algo: bench_threshold(algo, "Pendulum-v1", None, steps, control_seeds, [], workdir)
+               for algo in ("actor_critic", "ppo")},
+            **{f"sb3_{algo}_zoo": bench_sb3("Pendulum-v1", None, steps, [s - 1 for s in control_seeds], "zoo", algo)
+               for algo in ("a2c", "ppo")}}
+        for name, t in result["pendulum"].items():
             rows.append((f"Pendulum-v1 {steps:,} steps: {name}", f"last-100 mean {t['mean_last100']:.0f}",
                          f"{t['median_steps_per_s']:,.0f} steps/s"))
     if "acrobot" in args.parts:

@@ -17,11 +17,12 @@ and the others are still compared (exit status 1). A SIGINT (Ctrl-C), SIGTERM or
 training processes (Ray: their tasks are cancelled); compare.py waits for them and exits 128 + the signal, writing
 no comparison. A Ray cluster that does not answer within RAY_CONNECT_TIMEOUT (60 s) is an error.
 
-Stable-Baselines3 A2C beside them: --algos ... sb3_a2c (not in the default --algos; needs stable-baselines3: pip
-install 'funcpg[bench]') runs funcpg/sb3_reference.py in its run mode on the same command line, so it trains the
-same seeds (SB3's seed = the seed) to the same budget and writes a run directory of the same form; its label is
-sb3_a2c (the RL Zoo's tuned hyperparameters for the env, which sb3_reference.py's ZOO_A2C must list) or
-sb3_a2c_default with --algo-args "sb3_a2c:--settings default" (SB3's defaults, any env). Its global_step counts a
+Stable-Baselines3 A2C and PPO beside them: --algos ... sb3_a2c sb3_ppo (not in the default --algos; needs
+stable-baselines3: pip install 'funcpg[bench]') runs funcpg/sb3_reference.py (--algo a2c / ppo) in its run mode on the
+same command line, so it trains the same seeds (SB3's seed = the seed) to the same budget and writes a run directory
+of the same form; its label is sb3_a2c / sb3_ppo (the RL Zoo's tuned hyperparameters for the env, which
+sb3_reference.py's ZOO_A2C / ZOO_PPO must list) or sb3_a2c_default with --algo-args "sb3_a2c:--settings default"
+(SB3's defaults, any env). Its global_step counts a
 seed's env steps over its n_envs envs, as the scripts' does. It trains a run's seeds one after another, each on its
 own clock from its learn() (its steps/s: all its steps over the sum of those seconds), while a script trains its
 seeds at once on one clock: for seconds to threshold that compare like for like, give --seeds-per-task 1.
@@ -88,7 +89,9 @@ BAND_REPS = 2_000  # resamples per grid point for --band ci
 CONFIDENCE = 0.95
 # algorithms that are not funcpg scripts: --algos name -> the script (funcpg/{script}.py) that runs them with the
 # scripts' command line (see funcpg/sb3_reference.py's run mode)
-REFERENCES = {"sb3_a2c": "sb3_reference"}
+REFERENCES = {"sb3_a2c": "sb3_reference", "sb3_ppo": "sb3_reference"}
+# which of its algorithms a reference trains (after --algo-args: it always wins)
+REFERENCE_FLAGS = {"sb3_a2c": ["--algo", "a2c"], "sb3_ppo": ["--algo", "ppo"]}
 # the modules (files in funcpg/) a reference's script imports: a Ray task runs them beside it (the algorithm scripts
 # stand alone and get none)
 REFERENCE_HELPERS = ("tools_common.py",)
@@ -100,7 +103,8 @@ CONTROLLED_FLAGS = ("--env-id", "--seed", "--num-seeds", "--total-timesteps", "-
 # differ only in these are seeds of the same variant
 RUN_ONLY_KEYS = {"exp_name", "seed", "num_seeds", "run_dir", "resume", "quiet", "tensorboard", "capture_video",
                  "save_every", "eval_every", "eval_episodes", "eval_temperature", "device", "num_threads", "compile",
-                 "agents", "funcpg", "torch", "gymnasium", "stable_baselines3", "learning_rate", "ent_coef"}
+                 "agents", "funcpg", "torch", "gymnasium", "stable_baselines3", "learning_rate", "ent_coef",
+                 "defaults_taken"}
 TRAINING_FIELDS = ("env_id", "algos", "num_seeds", "total_timesteps", "algo_args", "seeds_per_task", "cpus_per_task",
                    "ray_address")
 
@@ -110,8 +114,8 @@ class CompareArgs:
     env_id: tuple[str, ...] = ("CartPole-v1",)
     """environments to train on (one figure panel each)"""
     algos: tuple[str, ...] = tuple(ALGORITHMS)
-    """algorithms to compare: the scripts funcpg/{algo}.py, and sb3_a2c (Stable-Baselines3 A2C with the RL Zoo's
-    settings, through funcpg/sb3_reference.py; needs pip install 'funcpg[bench]')"""
+    """algorithms to compare: the scripts funcpg/{algo}.py, and sb3_a2c / sb3_ppo (Stable-Baselines3 A2C / PPO with
+    the RL Zoo's settings, through funcpg/sb3_reference.py; needs pip install 'funcpg[bench]')"""
     num_seeds: int = 10
     """seeds per algorithm and env: --seed .. --seed + num_seeds - 1"""
     seed: int = 1
@@ -1016,11 +1020,11 @@ def plan(args: CompareArgs, stamp: int) -> list[Job]:
         problem = f"unknown algorithm {', '.join(unknown)}" if unknown else "no algorithm given"
         raise ValueError(f"--algos{''.join(' ' + a for a in args.algos)}: {problem}; allowed: one or more of "
                          f"{', '.join(ALLOWED_ALGOS)}")
-    if "sb3_a2c" in args.algos:
+    for reference in (a for a in args.algos if a in REFERENCES):
         try:
             import stable_baselines3  # noqa: F401
         except ImportError:
-            raise ValueError("--algos sb3_a2c: needs stable-baselines3, which is not installed: pip install "
+            raise ValueError(f"--algos {reference}: needs stable-baselines3, which is not installed: pip install "
                              "'funcpg[bench]' (on every Ray worker too, with --ray-address)") from None
     for flag, values in (("--algos", args.algos), ("--env-id", args.env_id)):
         if len(set(values)) != len(values):
@@ -1040,7 +1044,8 @@ def plan(args: CompareArgs, stamp: int) -> list[Job]:
             for first in range(args.seed, args.seed + args.num_seeds, group):
                 count = min(group, args.seed + args.num_seeds - first)
                 argv = ["--env-id", env_id, "--seed", str(first), "--num-seeds", str(count), "--total-timesteps",
-                        str(args.total_timesteps), "--num-threads", str(args.cpus_per_task), "--quiet", *flags[algo]]
+                        str(args.total_timesteps), "--num-threads", str(args.cpus_per_task), "--quiet",
+                        *flags[algo], *REFERENCE_FLAGS.get(algo, [])]
                 name = f"{env_id.replace('/', '-').replace(':', '-')}__{algo}__{first}__{stamp}"
                 jobs.append(Job(algo, env_id, first, count, argv, unused_path(os.path.join("runs", name))))
     checked = set()

@@ -1,29 +1,31 @@
-"""Stable-Baselines3 A2C as a reference point for funcpg/benchmark.py and funcpg/compare.py (not used by the
+"""Stable-Baselines3 A2C and PPO as reference points for funcpg/benchmark.py and funcpg/compare.py (not used by the
 algorithm scripts).
 
-Trains SB3's A2C on this machine, seed after seed, with the RL Zoo's tuned hyperparameters (ZOO_A2C below) or
-SB3's defaults. Two modes, chosen by --run-dir:
+Trains SB3's A2C (--algo a2c, the default) or PPO (--algo ppo) on this machine, seed after seed, with the RL Zoo's
+tuned hyperparameters (ZOO_A2C, ZOO_PPO below) or SB3's defaults. Two modes, chosen by --run-dir:
 
 run mode (--run-dir given): behaves like one of funcpg's scripts on the command line compare.py gives them, so
-compare.py measures funcpg and SB3 A2C on the same seeds and budget with one command (--algos ... sb3_a2c):
+compare.py measures funcpg and SB3 on the same seeds and budget with one command (--algos ... sb3_a2c sb3_ppo):
 
     python funcpg/compare.py --env-id Pendulum-v1 --algos actor_critic sb3_a2c --num-seeds 10 --total-timesteps 1000000
+    python funcpg/compare.py --env-id LunarLander-v3 --algos ppo sb3_ppo --num-seeds 10 --total-timesteps 1000000
     python funcpg/compare.py --env-id CartPole-v1 --algos actor_critic sb3_a2c --algo-args "sb3_a2c:--settings default"
     python funcpg/sb3_reference.py --env-id Pendulum-v1 --seed 1 --num-seeds 10 --total-timesteps 1000000 --run-dir runs/sb3_pendulum
 
   Its flags are exactly compare.py's controlled ones, --env-id --seed --num-seeds --total-timesteps --num-threads
-  --quiet --run-dir, plus --settings zoo|default (default zoo). It trains seeds seed .. seed + num_seeds - 1 one
-  after another (SB3's seed = our seed, as the scripts' agents have: --seed 100 --num-seeds 10 is seeds 100..109
-  for both) and writes the run directory compare.py --from reads:
-    config.json   algorithm "sb3_a2c", exp_name "sb3_a2c" ("sb3_a2c_default" with --settings default, so the two
-                  never mix), env_id, total_timesteps, seed, num_seeds, settings, zoo_hyperparams (the ZOO_A2C entry;
-                  null for default), hyperparams (what the model was built with), agents [{seed, learning_rate (the
-                  initial one), ent_coef}], sequential_seeds true, and the stable_baselines3/torch/gymnasium versions
+  --quiet --run-dir, plus --algo a2c|ppo (default a2c) and --settings zoo|default (default zoo). It trains seeds
+  seed .. seed + num_seeds - 1 one after another (SB3's seed = our seed, as the scripts' agents have: --seed 100
+  --num-seeds 10 is seeds 100..109 for both) and writes the run directory compare.py --from reads:
+    config.json   algorithm "sb3_a2c" or "sb3_ppo", exp_name the same ("sb3_a2c_default" with --settings default,
+                  so the two never mix), env_id, total_timesteps, seed, num_seeds, settings, zoo_hyperparams (the
+                  ZOO_A2C / ZOO_PPO entry; null for default), hyperparams (what the model was built with),
+                  agents [{seed, learning_rate (the initial one), ent_coef}], sequential_seeds true, and the
+                  stable_baselines3/torch/gymnasium versions
     episodes.csv  seed, global_step (SB3's num_timesteps at the episode's end: env steps over that seed's n_envs
                   envs, as the scripts count a seed's global_step), wall_time (seconds since that seed's learn()
                   began), episodic_return, episodic_length (Monitor's raw episode, inside any VecNormalize)
     updates.csv   one row per seed at its end: seed, global_step, wall_time, empty loss columns, sps
-  Bad input (an env without a ZOO_A2C entry under --settings zoo, a non-positive number, ...) is one line
+  Bad input (an env without a ZOO_A2C / ZOO_PPO entry under --settings zoo, a non-positive number, ...) is one line
   `error: ...` and exit status 2 before any training; Ctrl-C keeps the seeds so far (the last one cut short; the
   agents in config.json are those) and exits with 130.
 
@@ -33,11 +35,13 @@ last-100 mean), with one torch thread; --out writes them as JSON:
 
     python funcpg/sb3_reference.py --env-id CartPole-v1 --seeds 0 1 2 3 --total-timesteps 500000 --threshold 475
     python funcpg/sb3_reference.py --env-id Pendulum-v1 --seeds 0 1 2 --total-timesteps 300000 --settings zoo
+    python funcpg/sb3_reference.py --algo ppo --env-id CartPole-v1 --seeds 0 1 2 3 --threshold 475 --settings zoo
 
 settings:
-    default  A2C("MlpPolicy", make_vec_env(env_id, n_envs=8, seed=seed), seed=seed, device="cpu"), i.e. SB3's
-             defaults (n_steps=5, RMSprop lr 7e-4, gamma 0.99, gae_lambda 1, ent_coef 0, vf_coef 0.5, ...).
-    zoo      the RL Zoo's tuned A2C hyperparameters for the env (ZOO_A2C below), set up the way rl_zoo3 does it.
+    default  A2C (or PPO)("MlpPolicy", make_vec_env(env_id, n_envs=8, seed=seed), seed=seed, device="cpu"), i.e.
+             SB3's defaults (A2C: n_steps=5, RMSprop lr 7e-4, gamma 0.99, gae_lambda 1, ent_coef 0, vf_coef 0.5, ...;
+             PPO: n_steps=2048, batch_size 64, 10 epochs, Adam lr 3e-4, clip 0.2, gae_lambda 0.95, ...).
+    zoo      the RL Zoo's tuned hyperparameters for the env (ZOO_A2C / ZOO_PPO below), set up as rl_zoo3 does.
 
 Episode returns come from the Monitor wrapper that make_vec_env puts around each env, inside any VecNormalize,
 so they are the raw (unnormalized) returns even with settings="zoo" and normalize=True.
@@ -70,13 +74,14 @@ import tools_common  # noqa: E402
 # the current one lists "Pendulum-v1" with gamma 0.9). How rl_zoo3/exp_manager.py turns them into objects:
 #   normalize: True        -> VecNormalize(venv, gamma=gamma) when the entry sets gamma, else VecNormalize(venv)
 #                             (default gamma 0.99); norm_obs and norm_reward both on.
-#   learning_rate "lin_X"  -> linear_schedule(X): lr = progress_remaining * X, i.e. X down to 0 over the
+#   learning_rate "lin_X"  -> linear_schedule(X): lr = progress_remaining * X, i.e. X down to 0 over the (also
+#   clip_range, PPO's)
 #                             total_timesteps given to learn() (the zoo's -n/--n-timesteps overrides n_timesteps
 #                             and the schedule then spans that, as here).
 #   policy_kwargs "dict(...)" -> eval'd to a dict (written out as a dict here). No activation_fn is given for these
 #                             envs, so the policy keeps SB3's default (Tanh, net_arch 64-64 for pi and vf).
 #   n_envs                 -> make_vec_env(env_id, n_envs=n_envs, seed=seed) (DummyVecEnv + Monitor).
-#   n_timesteps            -> the zoo's default budget; informative only, the budget is run_sb3_a2c's total_timesteps.
+#   n_timesteps            -> the zoo's default budget; informative only, the budget is run_sb3's total_timesteps.
 ZOO_A2C: dict[str, dict[str, Any]] = {
     "CartPole-v1": {
         "n_envs": 8,
@@ -151,9 +156,36 @@ ZOO_A2C: dict[str, dict[str, Any]] = {
     },
 }
 
+# PPO hyperparameters of the RL Zoo, copied from DLR-RM/rl-baselines3-zoo, file hyperparams/ppo.yml (commit
+# 00128b5d46d497b772f3bd891ae9f520919e8971), turned into objects as above; the "-v2" LunarLander entries are v3 here.
+ZOO_PPO: dict[str, dict[str, Any]] = {
+    # "# Tuned" in the zoo file
+    "CartPole-v1": {"n_envs": 8, "n_timesteps": 100_000, "policy": "MlpPolicy", "n_steps": 32, "batch_size": 256,
+                    "gae_lambda": 0.8, "gamma": 0.98, "n_epochs": 20, "ent_coef": 0.0, "learning_rate": "lin_0.001",
+                    "clip_range": "lin_0.2"},
+    "Acrobot-v1": {"normalize": True, "n_envs": 16, "n_timesteps": 1_000_000, "policy": "MlpPolicy", "n_steps": 256,
+                   "gae_lambda": 0.94, "gamma": 0.99, "n_epochs": 4, "ent_coef": 0.0},
+    "LunarLander-v3": {"n_envs": 16, "n_timesteps": 1_000_000, "policy": "MlpPolicy", "n_steps": 1024,
+                       "batch_size": 64, "gae_lambda": 0.98, "gamma": 0.999, "n_epochs": 4, "ent_coef": 0.01},
+    "LunarLanderContinuous-v3": {"n_envs": 16, "n_timesteps": 1_000_000, "policy": "MlpPolicy", "n_steps": 1024,
+                                 "batch_size": 64, "gae_lambda": 0.98, "gamma": 0.999, "n_epochs": 4,
+                                 "ent_coef": 0.01},
+    # "# Tuned" in the zoo file
+    "Pendulum-v1": {"n_envs": 4, "n_timesteps": 100_000, "policy": "MlpPolicy", "n_steps": 1024, "gae_lambda": 0.95,
+                    "gamma": 0.9, "n_epochs": 10, "ent_coef": 0.0, "learning_rate": 1e-3, "clip_range": 0.2,
+                    "use_sde": True, "sde_sample_freq": 4},
+    # "# Tuned" in the zoo file
+    "MountainCarContinuous-v0": {"normalize": True, "n_envs": 1, "n_timesteps": 20_000, "policy": "MlpPolicy",
+                                 "batch_size": 256, "n_steps": 8, "gamma": 0.9999, "learning_rate": 7.77e-05,
+                                 "ent_coef": 0.00429, "clip_range": 0.1, "n_epochs": 10, "gae_lambda": 0.9,
+                                 "max_grad_norm": 5, "vf_coef": 0.19, "use_sde": True,
+                                 "policy_kwargs": {"log_std_init": -3.29, "ortho_init": False}},
+}
+ZOO = {"a2c": ZOO_A2C, "ppo": ZOO_PPO}
+ALGOS = tuple(ZOO)
+
 SETTINGS = ("default", "zoo")
 WINDOW = tools_common.WINDOW  # returns averaged for the threshold and last100_mean (as in the other tools)
-ALGORITHM = "sb3_a2c"  # the run mode's config.json "algorithm" (compare.py's --algos name)
 EPISODE_COLUMNS = ["seed", "global_step", "wall_time", "episodic_return", "episodic_length"]
 UPDATE_COLUMNS = ["seed", "global_step", "wall_time", "policy_loss", "value_loss", "entropy", "grad_norm", "sps"]
 
@@ -166,16 +198,21 @@ _INSTALL_HINT = (
 _INSTALL_LINE = "stable-baselines3 is not installed (funcpg does not depend on it): pip install 'funcpg[bench]'"
 
 
+def algorithm(algo: str) -> str:
+    """The run mode's config.json "algorithm" (compare.py's --algos name): sb3_a2c, sb3_ppo."""
+    return f"sb3_{algo}"
+
+
 def _import_sb3():
     try:
         import stable_baselines3  # noqa: F401
-        from stable_baselines3 import A2C
+        from stable_baselines3 import A2C, PPO
         from stable_baselines3.common.callbacks import BaseCallback
         from stable_baselines3.common.env_util import make_vec_env
         from stable_baselines3.common.vec_env import VecNormalize
     except ImportError as e:
         raise ImportError(_INSTALL_HINT) from e
-    return A2C, BaseCallback, make_vec_env, VecNormalize
+    return {"a2c": A2C, "ppo": PPO}, BaseCallback, make_vec_env, VecNormalize
 
 
 def linear_schedule(initial_value: float) -> Callable[[float], float]:
@@ -185,38 +222,41 @@ def linear_schedule(initial_value: float) -> Callable[[float], float]:
     return schedule
 
 
-def zoo_hyperparams(env_id: str) -> tuple[int, Optional[dict], dict]:
-    """(n_envs, VecNormalize kwargs or None, A2C kwargs other than policy/env/seed/device) for the zoo settings."""
-    if env_id not in ZOO_A2C:
-        raise ValueError(f"no RL Zoo A2C hyperparameters recorded for {env_id!r}; known: {sorted(ZOO_A2C)}")
-    hp = dict(ZOO_A2C[env_id])
+def zoo_hyperparams(env_id: str, algo: str = "a2c") -> tuple[int, Optional[dict], dict]:
+    """(n_envs, VecNormalize kwargs or None, A2C / PPO kwargs other than policy/env/seed/device) for the zoo
+    settings."""
+    if env_id not in ZOO[algo]:
+        raise ValueError(f"no RL Zoo {algo.upper()} hyperparameters recorded for {env_id!r}; known: "
+                         f"{sorted(ZOO[algo])}")
+    hp = dict(ZOO[algo][env_id])
     n_envs = hp.pop("n_envs", 1)
     hp.pop("n_timesteps", None)
     hp.pop("policy", None)
     normalize_kwargs = None
     if hp.pop("normalize", False):
         normalize_kwargs = {"gamma": hp["gamma"]} if "gamma" in hp else {}
-    lr = hp.get("learning_rate")
-    if isinstance(lr, str):
-        kind, value = lr.split("_")
-        if kind != "lin":
-            raise ValueError(f"unsupported schedule {lr!r}")
-        hp["learning_rate"] = linear_schedule(float(value))
+    for key in ("learning_rate", "clip_range"):
+        if isinstance(hp.get(key), str):
+            kind, value = hp[key].split("_")
+            if kind != "lin":
+                raise ValueError(f"unsupported schedule {hp[key]!r}")
+            hp[key] = linear_schedule(float(value))
     if "policy_kwargs" in hp:
         hp["policy_kwargs"] = dict(hp["policy_kwargs"])
     return n_envs, normalize_kwargs, hp
 
 
-def _make_model(env_id: str, seed: int, settings: str):
-    A2C, _, make_vec_env, VecNormalize = _import_sb3()
+def _make_model(env_id: str, seed: int, settings: str, algo: str = "a2c"):
+    models, _, make_vec_env, VecNormalize = _import_sb3()
     if settings == "default":
-        return A2C("MlpPolicy", make_vec_env(env_id, n_envs=8, seed=seed), seed=seed, device="cpu", verbose=0)
+        return models[algo]("MlpPolicy", make_vec_env(env_id, n_envs=8, seed=seed), seed=seed, device="cpu",
+                            verbose=0)
     if settings == "zoo":
-        n_envs, normalize_kwargs, hp = zoo_hyperparams(env_id)
+        n_envs, normalize_kwargs, hp = zoo_hyperparams(env_id, algo)
         venv = make_vec_env(env_id, n_envs=n_envs, seed=seed)
         if normalize_kwargs is not None:
             venv = VecNormalize(venv, **normalize_kwargs)
-        return A2C("MlpPolicy", venv, seed=seed, device="cpu", verbose=0, **hp)
+        return models[algo]("MlpPolicy", venv, seed=seed, device="cpu", verbose=0, **hp)
     raise ValueError(f"settings must be one of {SETTINGS}, got {settings!r}")
 
 
@@ -253,14 +293,14 @@ def _episode_callback(BaseCallback, threshold: Optional[float]):
     return EpisodeRecorder()
 
 
-def run_sb3_a2c(env_id: str, seed: int, total_timesteps: int, threshold: float | None = None,
-                settings: str = "default", num_threads: int = 1, interruptible: bool = False) -> dict:
-    """Train SB3 A2C with num_threads torch threads (1 by default), and return
+def run_sb3(env_id: str, seed: int, total_timesteps: int, threshold: float | None = None,
+            settings: str = "default", num_threads: int = 1, interruptible: bool = False, algo: str = "a2c") -> dict:
+    """Train SB3 A2C (or PPO) with num_threads torch threads (1 by default), and return
     {"env_id", "seed", "settings", "steps_to_threshold": int|None, "seconds_to_threshold": float|None,
      "steps": int, "seconds": float, "steps_per_s": float, "last100_mean": float,
      "episodes": [(global_step, wall_seconds, return), ...], "episode_lengths": [int, ...], "interrupted": bool}
 
-    settings: "default" (SB3 defaults, 8 envs) or "zoo" (RL Zoo hyperparameters, ZOO_A2C).
+    settings: "default" (SB3 defaults, 8 envs) or "zoo" (RL Zoo hyperparameters, ZOO_A2C / ZOO_PPO).
     Returns are raw episode returns (Monitor, inside any VecNormalize); global_step counts env steps over all
     envs (SB3's num_timesteps); wall_seconds are since just before learn(). With a threshold, training stops at the
     first episode where the mean of the last 100 returns >= threshold (100 episodes needed), else runs
@@ -276,7 +316,7 @@ def run_sb3_a2c(env_id: str, seed: int, total_timesteps: int, threshold: float |
     torch.set_num_threads(num_threads)
     interrupted = False
     try:
-        model = _make_model(env_id, seed, settings)
+        model = _make_model(env_id, seed, settings, algo)
         callback = _episode_callback(BaseCallback, threshold)
         start = time.perf_counter()
         callback.t0 = start
@@ -331,16 +371,16 @@ def is_run_mode(argv: list[str]) -> bool:
     return any(a == "--run-dir" or a.startswith("--run-dir=") for a in argv)
 
 
-def exp_name(settings: str) -> str:
-    """The run's exp_name, compare.py's label: one per settings, so that the two never mix."""
-    return ALGORITHM if settings == "zoo" else f"{ALGORITHM}_{settings}"
+def exp_name(settings: str, algo: str = "a2c") -> str:
+    """The run's exp_name, compare.py's label: one per algorithm and settings, so that they never mix."""
+    return algorithm(algo) if settings == "zoo" else f"{algorithm(algo)}_{settings}"
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     """The run mode's flags (as the scripts' parse_args: bad flags print one line `error: ...` and exit 2)."""
     p = _Parser(prog="sb3_reference.py", allow_abbrev=False,
-                description="Stable-Baselines3 A2C, run mode: train seeds seed .. seed + num_seeds - 1 one after "
-                            "another and write a run directory that funcpg/compare.py reads (as the funcpg "
+                description="Stable-Baselines3 A2C or PPO, run mode: train seeds seed .. seed + num_seeds - 1 one "
+                            "after another and write a run directory that funcpg/compare.py reads (as the funcpg "
                             "scripts do).")
     p.add_argument("--env-id", default="CartPole-v1", help="gymnasium env id (default: %(default)s)")
     p.add_argument("--seed", type=int, default=1, help="the first seed (SB3's seed argument) (default: %(default)s)")
@@ -351,8 +391,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--quiet", action="store_true", help="print nothing but errors (default: off)")
     p.add_argument("--run-dir", required=True, help="the run directory to write (new; required)")
     p.add_argument("--settings", choices=SETTINGS, default="zoo",
-                   help="zoo: the RL Zoo's tuned hyperparameters (ZOO_A2C); default: SB3's defaults with 8 envs "
-                        "(default: %(default)s)")
+                   help="zoo: the RL Zoo's tuned hyperparameters (ZOO_A2C / ZOO_PPO); default: SB3's defaults with 8 "
+                        "envs (default: %(default)s)")
+    p.add_argument("--algo", choices=ALGOS, default="a2c", help="SB3's A2C or PPO (default: %(default)s)")
     return p.parse_args(argv)
 
 
@@ -361,9 +402,10 @@ def validate(args: argparse.Namespace) -> None:
     training, no files)."""
     tools_common.check_counts([("--num-seeds", args.num_seeds), ("--total-timesteps", args.total_timesteps),
                                ("--num-threads", args.num_threads)], args.seed, args.num_seeds)
-    if args.settings == "zoo" and args.env_id not in ZOO_A2C:
-        raise ValueError(f"--env-id {args.env_id!r}: no RL Zoo A2C hyperparameters recorded for it (ZOO_A2C); "
-                         f"allowed with --settings zoo: {', '.join(ZOO_A2C)}; or --settings default")
+    table = f"ZOO_{args.algo.upper()}"
+    if args.settings == "zoo" and args.env_id not in ZOO[args.algo]:
+        raise ValueError(f"--env-id {args.env_id!r}: no RL Zoo {args.algo.upper()} hyperparameters recorded for it "
+                         f"({table}); allowed with --settings zoo: {', '.join(ZOO[args.algo])}; or --settings default")
     try:
         _import_sb3()
     except ImportError:
@@ -377,22 +419,22 @@ def validate(args: argparse.Namespace) -> None:
         raise ValueError(f"--env-id {args.env_id!r}: cannot make this environment ({reason}); allowed: a "
                          f"registered gymnasium id such as CartPole-v1, or module:EnvId") from None
     try:
-        describe(args.env_id, args.settings)
+        describe(args.env_id, args.settings, args.algo)
     except Exception as e:  # noqa: BLE001 - SB3 refuses the env (its spaces) or the settings
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"--env-id {args.env_id!r} --settings {args.settings}: SB3 A2C cannot be built for it "
-                         f"({reason})") from None
+        raise ValueError(f"--env-id {args.env_id!r} --settings {args.settings}: SB3 {args.algo.upper()} cannot be "
+                         f"built for it ({reason})") from None
     if os.path.exists(args.run_dir) and not os.path.isdir(args.run_dir):
         raise ValueError(f"--run-dir {args.run_dir!r} is a file; allowed: a new directory")
     if os.path.exists(os.path.join(args.run_dir, "episodes.csv")):
         raise ValueError(f"--run-dir {args.run_dir!r} already holds a run; allowed: a new directory")
 
 
-def describe(env_id: str, settings: str) -> dict:
+def describe(env_id: str, settings: str, algo: str = "a2c") -> dict:
     """The hyperparameters a model of these settings is built with, read from one (built, never trained):
-    JSON-able, learning_rate the initial one."""
+    JSON-able, learning_rate (and PPO's clip_range) the initial one."""
     VecNormalize = _import_sb3()[3]
-    model = _make_model(env_id, 0, settings)
+    model = _make_model(env_id, 0, settings, algo)
     try:
         venv = model.get_env()
         policy_kwargs = {k: v for k, v in model.policy_kwargs.items()
@@ -411,6 +453,8 @@ def describe(env_id: str, settings: str) -> dict:
             "policy_kwargs": policy_kwargs,
             "vec_normalize": ({"gamma": venv.gamma, "norm_obs": venv.norm_obs, "norm_reward": venv.norm_reward}
                               if isinstance(venv, VecNormalize) else None),
+            **({"batch_size": model.batch_size, "n_epochs": model.n_epochs, "clip_range": float(model.clip_range(1.0)),
+                "clip_range_vf": model.clip_range_vf, "target_kl": model.target_kl} if algo == "ppo" else {}),
         }
     finally:
         model.get_env().close()
@@ -418,18 +462,19 @@ def describe(env_id: str, settings: str) -> dict:
 
 def train_run(args: argparse.Namespace) -> list[dict]:
     """The run mode's training: config.json first, then each seed's episode and update rows once it ends.
-    Returns run_sb3_a2c's result per seed trained (the last one interrupted if Ctrl-C came)."""
+    Returns run_sb3's result per seed trained (the last one interrupted if Ctrl-C came)."""
     import gymnasium as gym
     import stable_baselines3
     import torch
 
-    hp = describe(args.env_id, args.settings)
+    hp = describe(args.env_id, args.settings, args.algo)
     seeds = list(range(args.seed, args.seed + args.num_seeds))
     os.makedirs(args.run_dir, exist_ok=True)
-    config = {"algorithm": ALGORITHM, "exp_name": exp_name(args.settings), "env_id": args.env_id,
+    config = {"algorithm": algorithm(args.algo), "exp_name": exp_name(args.settings, args.algo), "env_id": args.env_id,
               "total_timesteps": args.total_timesteps, "seed": args.seed, "num_seeds": args.num_seeds,
               "settings": args.settings, "num_threads": args.num_threads, "quiet": args.quiet,
-              "run_dir": args.run_dir, "zoo_hyperparams": ZOO_A2C[args.env_id] if args.settings == "zoo" else None,
+              "run_dir": args.run_dir,
+              "zoo_hyperparams": ZOO[args.algo][args.env_id] if args.settings == "zoo" else None,
               "hyperparams": hp, "sequential_seeds": True,
               "agents": [{"seed": s, "learning_rate": hp["learning_rate"], "ent_coef": hp["ent_coef"]} for s in seeds],
               "stable_baselines3": stable_baselines3.__version__, "torch": torch.__version__,
@@ -443,8 +488,8 @@ def train_run(args: argparse.Namespace) -> list[dict]:
         episodes.writerow(EPISODE_COLUMNS)
         updates.writerow(UPDATE_COLUMNS)
         for seed in seeds:
-            r = run_sb3_a2c(args.env_id, seed, args.total_timesteps, None, args.settings, args.num_threads,
-                            interruptible=True)
+            r = run_sb3(args.env_id, seed, args.total_timesteps, None, args.settings, args.num_threads,
+                        interruptible=True, algo=args.algo)
             results.append(r)
             episodes.writerows([seed, step, wall, ret, length]
                                for (step, wall, ret), length in zip(r["episodes"], r["episode_lengths"]))
@@ -452,7 +497,7 @@ def train_run(args: argparse.Namespace) -> list[dict]:
             ef.flush()
             uf.flush()
             if not args.quiet:
-                print(f"{exp_name(args.settings)} {args.env_id} seed {seed}: {r['steps']:,} steps in "
+                print(f"{exp_name(args.settings, args.algo)} {args.env_id} seed {seed}: {r['steps']:,} steps in "
                       f"{r['seconds']:.1f} s ({r['steps_per_s']:,.0f} steps/s), mean return of the last "
                       f"{min(WINDOW, len(r['episodes']))} episodes {r['last100_mean']:.1f}", flush=True)
             if r["interrupted"]:
@@ -493,7 +538,7 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
     argv = sys.argv[1:] if argv is None else list(argv)
     if is_run_mode(argv):
         return run_main(argv)
-    p = _Parser(description="Stable-Baselines3 A2C reference runs (1 torch thread), one line per seed.",
+    p = _Parser(description="Stable-Baselines3 A2C or PPO reference runs (1 torch thread), one line per seed.",
                 epilog="With --run-dir DIR it runs in run mode instead (the flags of funcpg/compare.py's runs: "
                        "--env-id --seed --num-seeds --total-timesteps --num-threads --quiet --run-dir, and "
                        "--settings, default zoo there) and writes a run directory; --run-dir DIR --help lists "
@@ -506,19 +551,21 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
                    help="stop at the first episode where the mean of the last 100 returns >= this (default: none: "
                         "train to --total-timesteps)")
     p.add_argument("--settings", choices=SETTINGS, default="default",
-                   help="default: SB3's defaults with 8 envs; zoo: the RL Zoo's tuned hyperparameters (ZOO_A2C) "
-                        "(default: %(default)s)")
+                   help="default: SB3's defaults with 8 envs; zoo: the RL Zoo's tuned hyperparameters (ZOO_A2C / "
+                        "ZOO_PPO) (default: %(default)s)")
+    p.add_argument("--algo", choices=ALGOS, default="a2c", help="SB3's A2C or PPO (default: %(default)s)")
     p.add_argument("--out", default=None,
                    help="write all results (episodes included) as JSON here (default: none: print only)")
     args = p.parse_args(argv)
 
     results = []
     for seed in args.seeds:
-        r = run_sb3_a2c(args.env_id, seed, args.total_timesteps, args.threshold, args.settings)
+        r = run_sb3(args.env_id, seed, args.total_timesteps, args.threshold, args.settings, algo=args.algo)
         results.append(r)
         to = ("not reached" if r["steps_to_threshold"] is None
               else f"{r['steps_to_threshold']:,} steps, {r['seconds_to_threshold']:.1f} s")
-        line = (f"sb3 a2c {args.settings} {args.env_id} seed {seed}: {r['steps']:,} steps in {r['seconds']:.1f} s "
+        line = (f"sb3 {args.algo} {args.settings} {args.env_id} seed {seed}: {r['steps']:,} steps in "
+                f"{r['seconds']:.1f} s "
                 f"({r['steps_per_s']:,.0f} steps/s), last100_mean {r['last100_mean']:.1f}, "
                 f"{len(r['episodes'])} episodes")
         if args.threshold is not None:

@@ -1,8 +1,8 @@
 """What the tools around the algorithm scripts (funcpg/compare.py, funcpg/benchmark.py, funcpg/sb3_reference.py)
 share: their command-line plumbing, run-directory helpers, the threshold rule and the checks of seeds and counts.
 
-The algorithm scripts (funcpg/reinforce.py, reinforce_baseline.py, actor_critic.py) stand alone and never import
-this module; the tools import it, and the scripts, as the standalone files they are (funcpg/ on sys.path), so that
+The algorithm scripts (funcpg/reinforce.py, reinforce_baseline.py, actor_critic.py, ppo.py) stand alone and never
+import this module; the tools import it, and the scripts, as the standalone files they are (funcpg/ on sys.path), so that
 each tool runs as `python funcpg/{tool}.py` and imports under the funcpg package alike. Only the standard library
 and numpy at import time: sb3_reference.py's run mode imports it on a Ray worker too (compare.py ships this file
 beside the script it runs there).
@@ -22,7 +22,7 @@ from typing import Callable, Iterable, Optional, TypeVar
 import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-ALGORITHMS = ["reinforce", "reinforce_baseline", "actor_critic"]  # the scripts funcpg/{algo}.py
+ALGORITHMS = ["reinforce", "reinforce_baseline", "actor_critic", "ppo"]  # the scripts funcpg/{algo}.py
 WINDOW = 100  # episodes in a seed's recent mean return (the threshold, the final return, compare.py's curves)
 # the exit status of a tool whose reader closed its stdout early (`... | head`): the shell's for a process ended by
 # SIGPIPE (128 + 13), as a C tool such as cat gets
