@@ -138,7 +138,8 @@ def test_runs_on_other_envs_and_flags(tmp_path, flags, script):
     env = write_testenvs(tmp_path)
     if "--eval-every" not in flags:
         flags = [*flags, "--eval-every", 0]
-    r = run_script(script, *flags, "--run-dir", "run", cwd=tmp_path, env=env)
+    quick = ["--num-minibatches", 2] if script == PPO else []  # (tiny rollouts: a few Adam steps each, not 320)
+    r = run_script(script, *flags, *quick, "--run-dir", "run", cwd=tmp_path, env=env)
     assert_ok(r)
     episodes, updates = check_run(tmp_path / "run", script)
     if "MountainCarContinuous-v0" in flags:  # the time limit, or the goal (+100, less the actions' cost) before it
@@ -336,7 +337,7 @@ def test_continuous_actions_take_their_defaults_say_so_and_flags_override_them(t
         assert flag_of(field, value) in first, (field, first)
     # every flag given wins over the table, and the line no longer claims it
     overrides = {field: (not value) if isinstance(value, bool) else value + 1 if isinstance(value, int) else
-                 (tuple(v * 0.5 for v in value) if isinstance(value, tuple) else round(value * 0.9, 6))
+                 (tuple(v * 0.5 + 0.001 for v in value) if isinstance(value, tuple) else round(value * 0.9, 6))
                  for field, value in table.items()}
     given = [token for field, value in overrides.items() for token in flag_of(field, value).split()]
     r = run_script(script, "--env-id", "Pendulum-v1", *common, *given, "--run-dir", "given", cwd=tmp_path)
@@ -379,6 +380,8 @@ def test_env_ids_in_the_table_take_its_defaults_say_so_and_flags_override_them(t
         box = isinstance(gym.make(env).action_space, gym.spaces.Box)
         taken = {**(continuous if box else {}), **entry}  # every value is the default here: all of them taken
         assert config["defaults_taken"] == [flag_of(k, v) for k, v in taken.items()], (env, config["defaults_taken"])
+    if not table:  # (reinforce.py has no entry: nothing measured beats its defaults)
+        return
     # a flag given wins over the entry, and the first line no longer claims it
     env, entry = next(iter(table.items()))
     field, value = next(iter(entry.items()))

@@ -84,7 +84,7 @@ def test_default_run_writes_config_csvs_and_checkpoint(tmp_path, script):
 
     # updates.csv
     header, updates = read_csv(run_dir / "updates.csv")
-    assert header == UPDATES_HEADER
+    assert header == UPDATES_HEADER + (["approx_kl", "clip_fraction", "epochs"] if script == PPO else [])
     assert len(updates) >= 1
     update_steps = steps(updates)
     assert update_steps == sorted(set(update_steps)), "updates.csv global_step must strictly increase"

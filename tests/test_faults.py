@@ -110,7 +110,7 @@ def test_killed_right_after_a_checkpoint_every_row_it_covers_is_on_disk(tmp_path
     """A process killed just after a checkpoint's rename (os._exit: no flush, no cleanup, as kill -9) leaves every
     row of the checkpointed updates on disk: the checkpoint records the CSV sizes after flushing them, so its step's
     update row is within them, and they are the rows of a run never killed. Resumed, a REINFORCE run ends with
-    exactly that run's rows (A2C restarts its envs on resume: only its row count is the same)."""
+    exactly that run's rows (A2C and PPO restart their envs on resume: only their row count is the same)."""
     killed, straight = tmp_path / "killed", tmp_path / "straight"
     flags = "total_timesteps=6000, save_every=1000, eval_every=1500, eval_episodes=2, quiet=True"
     code = (f"import os, sys; sys.path.insert(0, {str(REPO / 'funcpg')!r}); import {script} as m\n"
@@ -138,7 +138,7 @@ def test_killed_right_after_a_checkpoint_every_row_it_covers_is_on_disk(tmp_path
     subprocess.run(command(script, "--resume", killed, "--quiet"), cwd=tmp_path, check=True, timeout=300)
     for name in timing:
         got, expected = (strip(rows_up_to(d / name, 10**9), name) for d in (killed, straight))
-        if script != "actor_critic":
+        if script not in ("actor_critic", "ppo"):
             assert got == expected, name
         elif name == "updates.csv":
             assert len(got) == len(expected), name

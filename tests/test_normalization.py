@@ -208,7 +208,8 @@ def test_log_std_init_sets_the_gaussians_initial_log_std(tmp_path, script):
     plain = m.init_params(3, 2, (8,), True, torch.Generator().manual_seed(0))
     low = {"reinforce": lambda: m.init_params(3, 2, (8,), True, torch.Generator().manual_seed(0), -1.5),
            "reinforce_baseline": lambda: m.init_params(3, 2, (8,), True, torch.Generator().manual_seed(0), True, -1.5),
-           "actor_critic": lambda: m.init_params(3, 2, (8,), True, torch.Generator().manual_seed(0), False, -1.5)}[script]()
+           "actor_critic": lambda: m.init_params(3, 2, (8,), True, torch.Generator().manual_seed(0), False, -1.5),
+           "ppo": lambda: m.init_params(3, 2, (8,), True, torch.Generator().manual_seed(0), False, -1.5)}[script]()
     assert torch.equal(plain["pi.log_std"], torch.zeros(2)) and torch.equal(low["pi.log_std"], torch.full((2,), -1.5))
     assert all(torch.equal(plain[k], low[k]) for k in plain if k != "pi.log_std")
     assert_ok(run_script(script, "--env-id", "Pendulum-v1", "--log-std-init", -0.7, "--learning-rate", 1e-30,

@@ -141,6 +141,10 @@ def test_agent_i_starts_from_the_parameters_of_a_one_seed_run_with_seed_plus_i(t
     returns = {seed: [r["episodic_return"] for r in rows] for seed, rows in per_seed(episodes).items()}
     assert sorted(returns) == ["5", "6", "7"]
     assert returns["5"] != returns["6"] and returns["6"] != returns["7"]
+    if script == PPO:  # each agent shuffles its minibatches with its own generator: agent 6's is the solo run's
+        k3_rng, solo_rng = (load_checkpoint(tmp_path / d / "checkpoint.pt")["rng_state"] for d in ("k3", "solo"))
+        assert k3_rng.shape[0] == 4 and solo_rng.shape[0] == 2  # the shared action noise, then one per agent
+        assert torch.equal(k3_rng[2], solo_rng[1]) and not torch.equal(k3_rng[1], k3_rng[2])
     if script not in (AC, PPO):
         # REINFORCE: an agent's envs, env seeds and action noise are a one-seed run's, and nothing of the other
         # agents reaches them: with parameters that do not move, agent 6 lives exactly the solo run's episodes
