@@ -102,8 +102,7 @@ class Args:
     num_minibatches: int = 4
     """Adam steps per epoch: the rollout's num_envs * num_steps steps cut into this many (continuous actions: 32)"""
     learning_rate: tuple[float, ...] = (0.00025,)
-    """Adam step size (one optimizer for policy and critic); several values train one agent per value and seed
-    (continuous actions: 0.0003)"""
+    """Adam step size of policy and critic; several values train one agent per value (continuous actions: 0.0003)"""
     anneal_lr: bool = True
     """decay the learning rate linearly from its value to 0 at --total-timesteps"""
     gamma: float = 0.99
@@ -121,8 +120,7 @@ class Args:
     vf_coef: float = 0.5
     """weight of the value loss"""
     ent_coef: tuple[float, ...] = (0.01,)
-    """weight of the entropy bonus; several values train one agent per value (and learning rate and seed)
-    (continuous actions: 0.0)"""
+    """weight of the entropy bonus; several values train one agent per value (continuous actions: 0.0)"""
     max_grad_norm: float = 0.5
     """clip the global gradient norm to this value (inf = no clipping)"""
     hidden_sizes: tuple[int, ...] = (64, 64)
@@ -151,7 +149,14 @@ CONTINUOUS_DEFAULTS = {"num_envs": 8, "num_steps": 256, "update_epochs": 10, "nu
 ENV_DEFAULTS: dict[str, dict] = {
     "CartPole-v1": {"num_envs": 8, "num_steps": 32, "num_minibatches": 1, "update_epochs": 10, "gamma": 0.98,
                     "gae_lambda": 0.8, "learning_rate": (0.001,), "ent_coef": (0.0,), "clip_vloss": False},
+    "LunarLander-v3": {"num_envs": 16, "num_steps": 256, "num_minibatches": 8, "update_epochs": 10, "gamma": 0.999,
+                       "gae_lambda": 0.98, "learning_rate": (0.0003,), "normalize_obs": True,
+                       "normalize_reward": True, "clip_vloss": False},
+    "LunarLanderContinuous-v3": {"num_envs": 16, "num_minibatches": 8, "gamma": 0.999, "gae_lambda": 0.98,
+                                 "ent_coef": (0.01,), "clip_vloss": False, "gsde_every": 16, "log_std_init": -2.0},
     "MountainCarContinuous-v0": {"gamma": 0.99, "gsde_every": 16, "num_minibatches": 8},
+    "Pendulum-v1": {"num_envs": 4, "num_steps": 1024, "num_minibatches": 8, "gamma": 0.9, "learning_rate": (0.001,),
+                    "anneal_lr": False, "gsde_every": 4, "clip_vloss": False},
 }
 ARCHITECTURE = ("hidden_sizes", "shared_trunk", "gsde_every")  # flags that shape the parameters: a resume keeps them
 

@@ -314,6 +314,9 @@ def flag_of(field: str, value) -> str:
     return f"{flag} {' '.join(map(str, value)) if isinstance(value, (list, tuple)) else value}"
 
 
+BOX = "testenvs:BoundedContinuous-v0"
+
+
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_continuous_actions_take_their_defaults_say_so_and_flags_override_them(tmp_path, script):
     table = defaults_table(script)
@@ -327,10 +330,11 @@ def test_continuous_actions_take_their_defaults_say_so_and_flags_override_them(t
             " ".join(map(str, value)) if isinstance(value, tuple) else str(value)
         assert f"continuous actions: {shown}" in " ".join(args_fields(script)[field].split()), (field, value)
     # a continuous env: the run takes the table, and its first line of output lists it
-    r = run_script(script, "--env-id", "Pendulum-v1", *common, "--run-dir", "box", cwd=tmp_path)
+    env = write_testenvs(tmp_path)  # a Box env in no script's ENV_DEFAULTS
+    r = run_script(script, "--env-id", BOX, *common, "--run-dir", "box", cwd=tmp_path, env=env)
     assert_ok(r)
     first = r.stdout.splitlines()[0]
-    assert first.startswith("defaults for Pendulum-v1: "), first
+    assert first.startswith(f"defaults for {BOX}: "), first
     config = read_config(tmp_path / "box")
     for field, value in table.items():
         assert config[field] == (list(value) if isinstance(value, tuple) else value), field
@@ -340,7 +344,7 @@ def test_continuous_actions_take_their_defaults_say_so_and_flags_override_them(t
                  (tuple(v * 0.5 + 0.001 for v in value) if isinstance(value, tuple) else round(value * 0.9, 6))
                  for field, value in table.items()}
     given = [token for field, value in overrides.items() for token in flag_of(field, value).split()]
-    r = run_script(script, "--env-id", "Pendulum-v1", *common, *given, "--run-dir", "given", cwd=tmp_path)
+    r = run_script(script, "--env-id", BOX, *common, *given, "--run-dir", "given", cwd=tmp_path, env=env)
     assert_ok(r)
     config = read_config(tmp_path / "given")
     for field, value in overrides.items():
@@ -348,7 +352,7 @@ def test_continuous_actions_take_their_defaults_say_so_and_flags_override_them(t
         assert flag_of(field, table[field]) not in r.stdout.splitlines()[0]
     # a discrete env (and in no ENV_DEFAULTS) keeps the plain defaults and prints no such line
     r = run_script(script, "--env-id", "testenvs:Tiny-v0", *common, "--run-dir", "discrete", cwd=tmp_path,
-                   env=write_testenvs(tmp_path))
+                   env=env)
     assert_ok(r)
     assert "defaults for" not in r.stdout
     config = read_config(tmp_path / "discrete")
