@@ -97,50 +97,35 @@ def test_a_new_metric_is_one_edit_and_a_new_column(tmp_path, monkeypatch, script
     assert result["global_step"][0] >= 2000
 
 
-def readme_recipes() -> list[tuple[str, str, list[str]]]:
-    """(env, script, flags) of every command in the README's "Flags per env" table."""
+def readme_defaults() -> list[tuple[str, str, list[str], list[str]]]:
+    """(env, script, command's flags, defaults it takes) of every row in the README's "Defaults per env" table."""
     text = (REPO / "README.md").read_text()
-    section = text.split("### Flags per env", 1)[1].split("\n#", 1)[0]
-    recipes = []
+    section = text.split("### Defaults per env", 1)[1].split("\n#", 1)[0]
+    rows = []
     for line in section.splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if len(cells) < 2 or not cells[1].startswith("`"):
+        if len(cells) < 3 or not cells[1].startswith("`"):
             continue
-        words = cells[1].split("`")[1].split()  # the command between the first two backticks
-        scripts = list(MODULES) if words[0] == "SCRIPT.py" else [words[0][: -len(".py")]]
-        for script in scripts:
-            recipes.append((cells[0], script, words[1:]))
-    return recipes
+        words = cells[1].strip("`").split()
+        taken = cells[2].strip("`").split() if cells[2].startswith("`") else []
+        rows.append((cells[0], words[0][: -len(".py")], words[1:], taken))
+    return rows
 
 
-def same(stored, shown) -> bool:
-    """A config.json value equals the flag's text as typed (0 and 0.0 alike)."""
-    try:
-        return float(stored) == float(shown)
-    except (TypeError, ValueError):
-        return str(stored) == str(shown)
-
-
-def test_the_readme_recipes_per_env_name_every_env_and_run(tmp_path):
+def test_the_readme_defaults_per_env_are_what_each_command_takes(tmp_path):
     """Each command of the README's per-env table runs as written (a tiny budget appended: the last flag wins) and
-    trains with the values it shows, so the table cannot drift from the scripts' flags."""
-    recipes = readme_recipes()
-    assert {env for env, _, _ in recipes} >= {"CartPole-v1", "Acrobot-v1", "Pendulum-v1", "LunarLander-v3",
-                                              "MountainCarContinuous-v0"}, recipes
-    for i, (env, script, flags) in enumerate(recipes):
-        assert script in MODULES, (env, script)
-        if "--env-id" not in flags:
-            flags = [*flags, "--env-id", env]
-        assert flags[flags.index("--env-id") + 1] == env, (env, flags)
-        run(script, *flags, "--total-timesteps", "600", "--eval-every", "0", "--quiet", "--run-dir", f"r{i}",
+    takes exactly the defaults the table shows (config.json's defaults_taken), so the table cannot drift from the
+    scripts' CONTINUOUS_DEFAULTS and ENV_DEFAULTS."""
+    rows = readme_defaults()
+    assert {env for env, _, _, _ in rows} >= {"CartPole-v1", "Acrobot-v1", "Pendulum-v1", "LunarLander-v3",
+                                              "LunarLanderContinuous-v3", "MountainCarContinuous-v0"}, rows
+    assert {script for _, script, _, _ in rows} == set(MODULES), rows
+    for i, (env, script, flags, taken) in enumerate(rows):
+        assert script in MODULES and flags[:2] == ["--env-id", env], (env, script, flags)
+        run(script, *flags, "--total-timesteps", "300", "--eval-every", "0", "--quiet", "--run-dir", f"r{i}",
             cwd=tmp_path)
         config = read_config(tmp_path / f"r{i}")
-        for flag, value in zip(flags, [*flags[1:], "--"]):
-            if flag.startswith("--") and flag != "--total-timesteps":
-                field = flag[2:].replace("-", "_")
-                shown = True if value.startswith("--") else value
-                stored = config[field][0] if isinstance(config[field], list) else config[field]
-                assert same(stored, shown), (env, script, flag, stored)
+        assert " ".join(config["defaults_taken"]).split() == taken, (env, script, config["defaults_taken"], taken)
 
 
 @pytest.mark.parametrize("num_seeds", ["1", "2"])
