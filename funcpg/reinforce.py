@@ -27,6 +27,7 @@ import json
 import math
 import os
 import re
+import shlex
 import signal
 import sys
 import tempfile
@@ -129,8 +130,9 @@ ARCHITECTURE = ("hidden_sizes",)  # the flags that shape the parameters: a resum
 
 def make_env(env_id: str, num_envs: int) -> gym.vector.VectorEnv:
     """A vector env: gymnasium's native numpy implementation where it has one (CartPole), else a SyncVectorEnv.
-    Autoreset is NEXT_STEP: the step after a done only resets that env (its action is ignored, reward 0)."""
-    return gym.make_vec(env_id, num_envs=num_envs)
+    Autoreset is NEXT_STEP: the step after a done only resets that env (its action is ignored, reward 0). GuardedEnv
+    (below the marker) makes its failures one error line."""
+    return GuardedEnv(gym.make_vec(env_id, num_envs=num_envs))
 
 
 # --- Parameters and policy: pure functions of (params, obs) ---------------------------------------------------
@@ -235,7 +237,7 @@ def norm_init(obs_dim: int, device: torch.device) -> dict:
 def make_agent_update(args: Args, stage=lambda fn, in_dims: fn):
     """One agent's learning step update(params, opt_state, norm, batch [T, N, ...] raw, hyper {"learning_rate",
     "ent_coef"}) -> (params, opt_state, norm, metrics), pure: make_update runs it over the agents as one stage (vmap;
-    --compile compiles it, so no Python control flow on tensor values). Every metric but "finite" is logged."""
+    --compile compiles it, so no Python control flow on tensor values). Run.record checks the result is finite."""
 
     def update(params: dict[str, torch.Tensor], opt_state: dict, norm: dict, batch: Batch,
                hyper: dict[str, torch.Tensor]):
@@ -243,13 +245,11 @@ def make_agent_update(args: Args, stage=lambda fn, in_dims: fn):
         returns = compute_returns(batch.rewards, batch.dones, batch.valid, args.gamma, args.return_type)
         if args.normalize_returns:
             returns = normalize(returns, batch.valid)
-        grads, (loss, (pg_loss, entropy)) = grad_and_value(policy_loss, has_aux=True)(
+        grads, (_, (pg_loss, entropy)) = grad_and_value(policy_loss, has_aux=True)(
             params, batch, returns, hyper["ent_coef"])
         grads, grad_norm = clip_grad_norm(grads, args.max_grad_norm)
         params, opt_state = adam_step(params, grads, opt_state, hyper["learning_rate"])
-        finite = torch.stack([torch.isfinite(x).all() for x in (loss, grad_norm, *params.values())]).all()
-        return params, opt_state, norm, {"policy_loss": pg_loss, "entropy": entropy, "grad_norm": grad_norm,
-                                         "finite": finite}
+        return params, opt_state, norm, {"policy_loss": pg_loss, "entropy": entropy, "grad_norm": grad_norm}
 
     return stage(update, (0, 0, 0, 1, 0))  # the agent: dim 0 of the state and hyper, dim 1 of the batch [T, A, N]
 
@@ -372,15 +372,13 @@ def main() -> None:
 
 
 def agent_grid(args: Args) -> list[dict]:
-    """One {"seed", "learning_rate", "ent_coef"} per agent: learning rates x entropy coefficients x seeds, seeds
-    fastest. Agents that differ only in hyperparameters start from the same parameters."""
+    """{"seed", "learning_rate", "ent_coef"} per agent: learning rates x ent-coefs x seeds, seeds fastest."""
     return [{"seed": args.seed + i, "learning_rate": lr, "ent_coef": ent_coef}
             for lr in args.learning_rate for ent_coef in args.ent_coef for i in range(args.num_seeds)]
 
 
 def tree_map(fn, tree, *others):
-    """fn(x, *the others' x) for every tensor x of a (nested) dict, tuple or NamedTuple of tensors and of the
-    trees of the same shape in others (None stays None)."""
+    """fn(x, *others' x) for each tensor x of a nested dict, tuple or NamedTuple and of the same-shaped others."""
     if isinstance(tree, dict):
         return {k: tree_map(fn, v, *(o[k] for o in others)) for k, v in tree.items()}
     if isinstance(tree, tuple):
@@ -400,14 +398,12 @@ def agent_slice(tree, i):
 
 
 def where_agents(mask: torch.Tensor, new, old):
-    """new's tensors where mask is True, old's elsewhere (trees as tree_map's): a mask [A] picks agents of stacked
-    trees, a 0-d one (one agent's, as inside vmap) takes a whole tree."""
+    """new's tensors where mask is True, old's elsewhere: a mask [A] picks agents, a 0-d one (inside vmap) a tree."""
     return tree_map(lambda n, o: torch.where(mask.reshape(mask.shape + (1,) * (n.dim() - mask.dim())), n, o), new, old)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """x W^T + b: torch's linear for one agent (as inside vmap); for stacked weights [A, out, in] and x [A, M, in] one
-    batched matmul over the agents (the acting loop: an eager vmap costs ~5x more per env step)."""
+    """x W^T + b; stacked weights [A, out, in] and x [A, M, in]: one batched matmul (an eager vmap costs ~5x more)."""
     if weight.dim() == 3:
         return torch.baddbmm(bias.unsqueeze(1), x, weight.transpose(1, 2))
     return torch.nn.functional.linear(x, weight, bias)
@@ -424,8 +420,7 @@ def normalize(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (x - mean) / (masked_mean((x - mean).square(), mask).sqrt() + 1e-8)
 
 
-def action_noise(shape: tuple[int, ...], continuous: bool, generator: torch.Generator,
-                 device: torch.device) -> torch.Tensor:
+def action_noise(shape: tuple[int, ...], continuous: bool, generator: torch.Generator, device: torch.device):
     """The randomness of sample_action in one draw: N(0, 1) (continuous) or Gumbel -log E, E ~ Exp(1)."""
     if continuous:
         return torch.randn(shape, generator=generator, device=device)
@@ -438,8 +433,7 @@ def agent_rows(stats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def derived_seed(seed: int, purpose: int, index: int) -> int:
-    """The seed of batch (purpose 0) or evaluation (1) number `index` of agent `seed`: resume continues exactly.
-    Purpose 2: the action noise after update `index`, when resumed on another kind of device than it was saved on."""
+    """The seed of batch (purpose 0), evaluation (1) or, resumed on another kind of device, action noise (2) `index`."""
     return int(np.random.SeedSequence([seed, purpose, index]).generate_state(1)[0])
 
 
@@ -449,13 +443,11 @@ def normalize_obs(stats: dict[str, torch.Tensor], obs: torch.Tensor) -> torch.Te
 
 
 def discounted_scan(x: torch.Tensor, a: torch.Tensor, init: torch.Tensor) -> torch.Tensor:
-    """y_t = x_t + a_t * y_{t+1} for t = T-1, ..., 0 with y_T = init; x, a: [T, ...], init: [...]. By recursive
-    doubling: after the pass with stride k, (x_t, a_t) composes the affine maps y -> x_s + a_s * y
-    for s = t .. t+k-1, so ceil(log2 T) vectorised passes replace a T-step loop (cheap to compile)."""
-    length = x.shape[0]
+    """y_t = x_t + a_t * y_{t+1} for t = T-1, ..., 0 with y_T = init; x, a: [T, ...], init: [...]. By recursive doubling
+    (after stride k, (x_t, a_t) composes y -> x_s + a_s * y for s = t .. t+k-1): log2 T passes, cheap to compile."""
+    length, stride = x.shape[0], 1
     x = torch.cat([x[:-1], (x[-1] + a[-1] * init).unsqueeze(0)])
     a = torch.cat([a[:-1], torch.zeros_like(a[-1:])])
-    stride = 1
     while stride < length:
         x = x + a * torch.cat([x[stride:], torch.zeros_like(x[:stride])])
         a = a * torch.cat([a[stride:], torch.zeros_like(a[:stride])])
@@ -463,45 +455,42 @@ def discounted_scan(x: torch.Tensor, a: torch.Tensor, init: torch.Tensor) -> tor
     return x
 
 
-def discounted_returns_so_far(rewards: torch.Tensor, dones: torch.Tensor, carry: torch.Tensor,
-                              gamma: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """R_t = r_t + gamma * R_{t-1} of each env's episode (restarting at 0 after a done), rewards and dones [T, N],
-    carry [N] = R before the first step. Returns R [T, N] and the carry for the next rollout. The reward scale of
-    --normalize-reward is the running std of R."""
+def discounted_returns_so_far(rewards: torch.Tensor, dones: torch.Tensor, carry: torch.Tensor, gamma: float):
+    """R_t = r_t + gamma * R_{t-1} of each env's episode (0 after a done; rewards, dones [T, N], carry [N]: R before
+    the first step): R [T, N] and the next carry. --normalize-reward's scale is the running std of R."""
     a = gamma * torch.cat([torch.ones_like(dones[:1]), 1.0 - dones[:-1]])  # R_{t-1} continues unless done_{t-1}
     running = discounted_scan(rewards.flip(0), a.flip(0), carry).flip(0)  # a forward scan, run backwards
     return running, running[-1] * (1.0 - dones[-1])
 
 
 def stats_init(shape: tuple[int, ...], device: torch.device) -> dict[str, torch.Tensor]:
-    """Mean 0, variance 1, count 0 of values shaped `shape` (float64): normalizing with them changes nothing."""
-    return {"mean": torch.zeros(shape, dtype=torch.float64, device=device),
-            "var": torch.ones(shape, dtype=torch.float64, device=device),
-            "count": torch.zeros((), dtype=torch.float64, device=device)}
+    """Mean 0, variance 1, count 0 of values shaped `shape`, none skipped (float64): normalizing changes nothing."""
+    zero = torch.zeros((), dtype=torch.float64, device=device)
+    return {"mean": zero.expand(shape).clone(), "var": (zero + 1).expand(shape).clone(), "count": zero, "skipped": zero}
 
 
 def update_stats(stats: dict[str, torch.Tensor], x: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Merge the x[i] where mask[i] = 1 (mask [B...], x [B..., *shape]) into stats by Chan et al.'s parallel update:
-    then they hold the mean and population variance of every value merged so far."""
-    w, x, dims = mask.to(torch.float64), x.to(torch.float64), tuple(range(mask.dim()))
+    """Merge the x[i] where mask[i] = 1 (mask [B...], x [B..., *shape]) into stats by Chan et al.'s parallel update (the
+    mean and population variance of all merged); an x[i] with a non-finite entry is not merged: "skipped" counts it."""
+    finite = torch.isfinite(x).reshape(*mask.shape, -1).all(-1)
+    w, dims = mask.to(torch.float64), tuple(range(mask.dim()))
+    x, skipped, w = torch.where(torch.isfinite(x), x, 0).to(torch.float64), (w * ~finite).sum(), w * finite
     n = w.sum()
     w = w.reshape(*mask.shape, *([1] * (x.dim() - mask.dim())))
     batch_mean = (x * w).sum(dims) / n.clamp(min=1.0)
     batch_var = ((x - batch_mean).square() * w).sum(dims) / n.clamp(min=1.0)
-    total = stats["count"] + n
-    delta = batch_mean - stats["mean"]
+    total, delta = stats["count"] + n, batch_mean - stats["mean"]
     frac = n / total.clamp(min=1.0)  # 0 when the batch is empty
     m2 = stats["var"] * stats["count"] + batch_var * n + delta.square() * stats["count"] * frac
     var = torch.where(total > 0, m2 / total.clamp(min=1.0), stats["var"])
-    return {"mean": stats["mean"] + delta * frac, "var": var, "count": total}
+    return {"mean": stats["mean"] + delta * frac, "var": var, "count": total, "skipped": stats["skipped"] + skipped}
 
 
 def normalized(args: Args, norm: dict, batch: Batch) -> tuple[dict, Batch]:
-    """The update's first step (pure, inside vmap): --normalize-obs normalizes the batch's observations with the
-    statistics the rollout acted with (log pi is the acting policy's), then merges its learned-from steps into them;
-    --normalize-reward merges the batch's discounted returns so far R_t into the return statistics (carrying each
-    env's R across rollouts where norm has a "running_return"), then divides the rewards by their std (clipped to
-    [-10, 10]). Returns (norm, batch)."""
+    """The update's first step (pure, in vmap): --normalize-obs normalizes the observations with the statistics the
+    rollout acted with (log pi is the acting policy's), then merges the learned-from steps in; --normalize-reward
+    merges the discounted returns so far R_t into the return statistics (each env's R carried across rollouts where
+    norm has "running_return"), then divides the rewards by their std, clipped to [-10, 10]. Returns (norm, batch)."""
     if args.normalize_obs:
         obs = normalize_obs(norm["obs"], batch.obs)
         norm = {**norm, "obs": update_stats(norm["obs"], batch.obs[:len(batch.valid)], batch.valid)}
@@ -509,8 +498,8 @@ def normalized(args: Args, norm: dict, batch: Batch) -> tuple[dict, Batch]:
     if args.normalize_reward:
         carry = norm.get("running_return", torch.zeros_like(batch.rewards[0]))
         running, carry = discounted_returns_so_far(batch.rewards, batch.dones, carry, args.gamma)
-        norm = {**norm, "return": update_stats(norm["return"], running, batch.valid)}
-        norm = {**norm, "running_return": carry} if "running_return" in norm else norm
+        norm = {**norm, "return": update_stats(norm["return"], running, batch.valid),
+                **({"running_return": carry} if "running_return" in norm else {})}
         scale = (norm["return"]["var"] + 1e-8).sqrt()
         batch = batch._replace(rewards=(batch.rewards / scale).clamp(-10.0, 10.0).to(batch.rewards.dtype))
     return norm, batch
@@ -525,10 +514,8 @@ def adam_init(params: dict[str, torch.Tensor]) -> dict:
 
 def adam_step(params: dict[str, torch.Tensor], grads: dict[str, torch.Tensor], state: dict, lr,
               betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> tuple[dict[str, torch.Tensor], dict]:
-    """One step of torch.optim.Adam (default options) as (params, state) -> (params, state); lr: one step size, or
-    a dict of one per parameter."""
-    beta1, beta2 = betas
-    step = state["step"] + 1
+    """One step of torch.optim.Adam (default options), (params, state) -> (params, state); lr: a number or a dict."""
+    (beta1, beta2), step = betas, state["step"] + 1
     bias_correction2_sqrt = (1 - beta2**step).sqrt().float()
     new_params, exp_avg, exp_avg_sq = {}, {}, {}
     for k, p in params.items():
@@ -546,8 +533,7 @@ def clip_grad_norm(grads: dict[str, torch.Tensor], max_norm: float) -> tuple[dic
 
 
 def annealed(args: Args, hyper: dict[str, torch.Tensor], global_step: np.ndarray) -> dict[str, torch.Tensor]:
-    """--anneal-lr: each agent's learning rate times 1 - global_step / total_timesteps at the start of its batch
-    (a per-agent input of the update, so a grid and --compile keep one graph)."""
+    """--anneal-lr: each agent's learning rate times 1 - global_step / total_timesteps (an input: one graph)."""
     if not args.anneal_lr:
         return hyper
     frac = torch.as_tensor(np.clip(1 - global_step / args.total_timesteps, 0.0, 1.0), device=hyper["ent_coef"].device)
@@ -555,10 +541,9 @@ def annealed(args: Args, hyper: dict[str, torch.Tensor], global_step: np.ndarray
 
 
 def make_update(args: Args):
-    """The learning step of all agents at once: make_agent_update(args, stage), each stage (a pure function of one
-    agent's tensors) run over the agents by torch.func.vmap, which keeps each agent to its own data (in_dims: where a
-    stage's inputs hold the agent: 0, or 1 for a batch [T, A, N, ...]; outputs: 0). --compile compiles each vmapped
-    stage as one graph (same shapes every batch: it compiles once). A lone agent skips vmap (~2 ms per eager update)."""
+    """The learning step of all agents at once: make_agent_update(args, stage), each stage (pure, of one agent's
+    tensors) vmapped over the agents (in_dims: where an input holds the agent, 0 or 1 for a batch [T, A, N, ...]);
+    --compile compiles each vmapped stage once (shapes never change); a lone agent skips vmap (~2 ms an update)."""
 
     def stage(fn, in_dims: tuple):
         batched = vmap(fn, in_dims=in_dims)
@@ -575,9 +560,8 @@ def make_update(args: Args):
 
 def evaluate(args: Args, params: dict[str, torch.Tensor], obs_stats: Optional[dict], seed: int,
              device: torch.device, video: Optional[str] = None) -> np.ndarray:
-    """[A, eval_episodes]: the first episode on each of args.eval_episodes envs per agent (params stacked [A, ...],
-    obs_stats frozen [A, ...] or None) at args.eval_temperature. With a video path prefix: the first agent's first
-    episode only, rendered to {video}-episode-0.mp4 (needs moviepy)."""
+    """[A, eval_episodes]: the first episode on each of args.eval_episodes envs per agent (params [A, ...], obs_stats
+    frozen or None) at args.eval_temperature; with a video path prefix (one agent), its first episode, to an mp4."""
     num_agents, episodes = (1, 1) if video else (next(iter(params.values())).shape[0], args.eval_episodes)
     if video:
         with warnings.catch_warnings():  # RecordVideo warns whenever the folder already exists
@@ -585,7 +569,6 @@ def evaluate(args: Args, params: dict[str, torch.Tensor], obs_stats: Optional[di
             envs = gym.vector.SyncVectorEnv([lambda: gym.wrappers.RecordVideo(
                 gym.make(args.env_id, render_mode="rgb_array"), os.path.dirname(video), lambda _: True,
                 name_prefix=os.path.basename(video), disable_logger=True)])
-        params, obs_stats = agent_slice(params, slice(0, 1)), obs_stats and agent_slice(obs_stats, slice(0, 1))
     else:
         envs = make_env(args.env_id, num_agents * episodes)
     generator, space = torch.Generator(device=device).manual_seed(seed), envs.single_action_space
@@ -607,25 +590,62 @@ def evaluate(args: Args, params: dict[str, torch.Tensor], obs_stats: Optional[di
     return returns.reshape(num_agents, episodes)
 
 
-class NonFiniteLoss(RuntimeError):
-    pass
+class RunFailed(RuntimeError):
+    """A run that cannot go on (a non-finite update, a failed env): its last good state is saved, exit 1."""
+
+
+class Refused(ValueError):
+    """A run directory in use, a checkpoint that does not fit the flags: one `error:` line, exit 2."""
+
+
+class Preempted(KeyboardInterrupt):
+    """SIGTERM (a scheduler's stop) or SIGHUP (a closed terminal), handled as a Ctrl-C is; exit 128 + signal."""
+
+
+class GuardedEnv(gym.vector.VectorWrapper):
+    """A vector env whose exceptions in reset() or step() (its autoreset, a value it cannot stack) are a RunFailed."""
+
+    def reset(self, **kwargs):
+        return self.guard("reset", **kwargs)
+
+    def step(self, actions):
+        return self.guard("step", actions)
+
+    def guard(self, name: str, *args, **kwargs):
+        try:
+            return getattr(self.env, name)(*args, **kwargs)
+        except Exception as e:
+            raise RunFailed(f"the env raised {type(e).__name__} in {name}(): {''.join(str(e).splitlines()[:1])}") from e
+
+
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
+
+
+def stop(signum: int, _frame=None) -> None:
+    raise KeyboardInterrupt if signum == signal.SIGINT else Preempted(signum)
 
 
 @contextlib.contextmanager
 def ctrl_c_deferred(drop: bool = False):
-    """Hold a Ctrl-C (SIGINT) that arrives inside the block and raise it as KeyboardInterrupt at its end (drop: let
-    it go, e.g. a second Ctrl-C while the first one's checkpoint is being saved)."""
-    if threading.current_thread() is not threading.main_thread():  # signal handlers live in the main thread
-        yield
-        return
-    received = []
-    previous = signal.signal(signal.SIGINT, lambda *_: received.append(True))
+    """Hold a Ctrl-C, SIGTERM or SIGHUP arriving in the block, then stop() (drop: let it go); SIG_IGN (nohup) stays."""
+    received, main = [], threading.current_thread() is threading.main_thread()  # handlers live in the main thread
+    previous = {s: signal.signal(s, lambda signum, _: received.append(signum)) for s in STOP_SIGNALS
+                if main and signal.getsignal(s) is not signal.SIG_IGN}
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
     if received and not drop:
-        raise KeyboardInterrupt
+        stop(received[0])
+
+
+def say(text: str, end: str = "\n") -> None:
+    """print to stdout; once its reader has gone (a closed pipe, a closed terminal), nowhere: the run goes on."""
+    try:
+        print(text, end=end, flush=True)
+    except (OSError, ValueError):  # BrokenPipeError, EIO; ValueError: a closed file
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 def resolve_device(name: str) -> torch.device:
@@ -633,8 +653,7 @@ def resolve_device(name: str) -> torch.device:
 
 
 def load_checkpoint(path: str, device: torch.device = torch.device("cpu")) -> dict:
-    """Load --resume's checkpoint (a run directory's checkpoint.pt, or the file) safely (weights_only=True);
-    ValueError naming the file if it is not one of ours."""
+    """--resume's checkpoint (a run directory or the file), loaded with weights_only=True; ValueError unless ours."""
     path = os.path.join(path, "checkpoint.pt") if os.path.isdir(path) else path
     ours = f"allowed: a run directory or checkpoint.pt written by {ALGORITHM}.py"
     if not os.path.isfile(path):
@@ -651,15 +670,13 @@ def load_checkpoint(path: str, device: torch.device = torch.device("cpu")) -> di
                       "evaluated", "wall_time", "recent_returns", "rng_state", "csv_sizes"} - checkpoint.keys())
     if missing:
         raise ValueError(f"--resume {path!r}: incomplete checkpoint, missing {', '.join(missing)}")
-    problem = bookkeeping_problem(checkpoint, os.path.dirname(os.path.abspath(path)))
-    if problem:
+    if problem := bookkeeping_problem(checkpoint, os.path.dirname(os.path.abspath(path))):
         raise ValueError(f"--resume {path!r}: damaged checkpoint: {problem}; {ours}")
     return {**checkpoint, "run_dir": os.path.dirname(os.path.abspath(path))}
 
 
 def bookkeeping_problem(c: dict, run_dir: str) -> Optional[str]:
-    """What is wrong with a checkpoint's types, counts and ranges (a hand edit, another program), or None. The
-    shapes and dtypes of its tensors are compared with the run's own by Run.start; its flags by command_line."""
+    """What is wrong with a checkpoint's types, counts and ranges (a hand edit), or None (its tensors: check_state)."""
     agents, names = c["agents"], Run.COLUMNS
     numbers = lambda xs, low=-math.inf: isinstance(xs, list) and all(  # noqa: E731
         type(x) in (int, float) and low <= x < math.inf for x in xs)
@@ -681,15 +698,12 @@ def bookkeeping_problem(c: dict, run_dir: str) -> Optional[str]:
     if not (isinstance(sizes, dict) and all(type(sizes.get(n)) is int and 0 <= sizes[n] <= (
             os.path.getsize(f) if os.path.isfile(f) else 0) for n, f in zip(names, files))):
         return f"csv_sizes must give each of {', '.join(names)} a size between 0 and the file's"
-    rng = c["rng_state"]
-    if not (isinstance(rng, torch.Tensor) and rng.dtype == torch.uint8 and rng.dim() == 2 and len(rng)):
+    if not (torch.is_tensor(rng := c["rng_state"]) and rng.dtype == torch.uint8 and rng.dim() == 2 and len(rng)):
         return "rng_state must be a 2-d uint8 tensor (one generator state per row)"
-    return None
 
 
 def save_checkpoint(path: str, checkpoint: dict) -> None:
-    """Write atomically to a temp file created afresh (never through a planted link), then rename it: a crash
-    mid-write leaves the previous checkpoint intact and no temp file behind."""
+    """Write to a temp file made afresh (never a planted link), then rename: a crash mid-write keeps the last one."""
     tmp = None
     try:
         fd, tmp = tempfile.mkstemp(prefix=".checkpoint-", dir=os.path.dirname(path))
@@ -705,25 +719,15 @@ def save_checkpoint(path: str, checkpoint: dict) -> None:
             os.remove(tmp)
 
 
-class RunDirInUse(ValueError):
-    pass
-
-
-class StateMismatch(ValueError):
-    pass
-
-
 def check_state(path: str, checkpoint: dict, fresh: tuple, num_generators: int) -> None:
-    """StateMismatch unless the checkpoint's params, opt_state and norm have exactly the keys, shapes and dtypes of
-    the state these flags start from (`fresh`), and one generator state per generator."""
+    """Refused unless the checkpoint's params, opt_state and norm have the keys, shapes and dtypes of the state these
+    flags start from (`fresh`) and finite values, and one generator state per generator."""
     def leaves(tree, prefix=""):
         if isinstance(tree, dict):
             return {k2: v2 for k, v in tree.items() for k2, v2 in leaves(v, f"{prefix}{k}/").items()}
         return {prefix.rstrip("/"): tree}
 
-    def kind(x) -> str:
-        return f"{str(x.dtype)[6:]} {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
-
+    kind = lambda x: f"{str(x.dtype)[6:]} {tuple(x.shape)}" if torch.is_tensor(x) else type(x).__name__  # noqa: E731
     got = leaves({k: checkpoint[k] for k in ("params", "opt_state", "norm")})
     want = leaves(dict(zip(("params", "opt_state", "norm"), fresh)))
     for key in sorted(got.keys() | want.keys()):
@@ -731,35 +735,33 @@ def check_state(path: str, checkpoint: dict, fresh: tuple, num_generators: int) 
                    f"{key} ({kind(got[key])}) has no place in it" if key not in want else
                    f"{key} is {kind(got[key])}, expected {kind(want[key])}" * (kind(got[key]) != kind(want[key])))
         if problem:
-            raise StateMismatch(f"--resume {path!r}: the checkpoint's state does not fit these flags: {problem}")
+            raise Refused(f"--resume {path!r}: the checkpoint's state does not fit these flags: {problem}")
     bad = next((k for k in sorted(got) if got[k].is_floating_point() and not torch.isfinite(got[k]).all()), None)
     if bad:
-        raise StateMismatch(f"--resume {path!r}: the checkpoint's {bad} holds non-finite values (nan or inf); "
+        raise Refused(f"--resume {path!r}: the checkpoint's {bad} holds non-finite values (nan or inf); "
                             f"allowed: a checkpoint of a finite state")
     if len(checkpoint["rng_state"]) != num_generators:
-        raise StateMismatch(f"--resume {path!r}: the checkpoint has {len(checkpoint['rng_state'])} generator states, "
+        raise Refused(f"--resume {path!r}: the checkpoint has {len(checkpoint['rng_state'])} generator states, "
                             f"expected {num_generators}")
 
 
 def lock_run_dir(path: str) -> int:
-    """An OS lock (flock) on the run directory, held for the run's life and released by any exit, kill -9 too;
-    RunDirInUse if another process holds it. Returns the descriptor that holds it."""
+    """flock the run directory for the run's life (any exit frees it, kill -9 too); Refused if another holds it."""
     import fcntl  # POSIX (imported here, so that the script imports on any system)
     fd = os.open(path, os.O_RDONLY)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
-        raise RunDirInUse(f"run directory {path!r} is in use: another process holds its lock (a run is training "
+        raise Refused(f"run directory {path!r} is in use: another process holds its lock (a run is training "
                           f"there); wait for it to end, or choose another --run-dir") from None
     return fd
 
 
 class Run:
-    """A run's bookkeeping for train(): the agents (agent_grid) and their counters, the run directory with
-    config.json, the CSV logs (rows tagged with the agent's seed, and its values when the run trains a grid),
-    TensorBoard, the progress line, evaluations, and checkpoint.pt (saved every --save-every steps, at the end, and
-    on Ctrl-C as the `with run:` block ends; read back by --resume)."""
+    """A run's bookkeeping for train(): the agents (agent_grid) and their counters, the run directory, config.json, the
+    CSV logs (rows tagged with the agent's seed, and its values in a grid), TensorBoard, the progress line, evaluations,
+    and checkpoint.pt (at step 0, every --save-every steps, at the end, on a stop; read back by --resume)."""
 
     COLUMNS = {"episodes.csv": ["wall_time", "episodic_return", "episodic_length"],  # after seed, global_step
                "updates.csv": ["wall_time", "policy_loss", "value_loss", "entropy", "grad_norm", "sps"],
@@ -770,27 +772,26 @@ class Run:
         importlib.import_module("torch._dynamo")  # torch.func imports it on first use (~1 s): setup, not training
         self.args, self.device, self.agents = args, resolve_device(args.device), agent_grid(args)
         self.checkpoint = c = load_checkpoint(args.resume, self.device) if args.resume else {}
-        n, self.interrupted, self.last_print = len(self.agents), False, 0.0
-        self.hyper = {"learning_rate": torch.tensor([a["learning_rate"] for a in self.agents], dtype=torch.float64,
-                                                    device=self.device),
-                      "ent_coef": torch.tensor([a["ent_coef"] for a in self.agents], device=self.device)}
-        self.global_step, self.num_updates, self.evaluated = (np.array(c.get(k, [d] * n), dtype=np.int64) for k, d
-                                                              in (("global_step", 0), ("num_updates", 0),
-                                                                  ("evaluated", -1)))
+        n, self.interrupted, self.last_print = len(self.agents), 0, 0.0
+        self.hyper = {k: torch.tensor([a[k] for a in self.agents], dtype=dtype, device=self.device)
+                      for k, dtype in (("learning_rate", torch.float64), ("ent_coef", torch.float32))}
+        self.global_step = np.array(c.get("global_step", [0] * n), dtype=np.int64)
+        self.num_updates = np.array(c.get("num_updates", [0] * n), dtype=np.int64)
+        self.evaluated = np.array(c.get("evaluated", [-1] * n), dtype=np.int64)
         self.recent = [deque(r, maxlen=100) for r in c.get("recent_returns", [[]] * n)]
         self.episodes = [{"global_step": [], "return": [], "length": []} for _ in self.agents]
         self.evaluations = [[] for _ in self.agents]
         self.wall_offset, self.start_time, self.start_step = c.get("wall_time", 0.0), time.time(), self.global_step
-        stamp = f"{args.env_id.replace('/', '-').replace(':', '-')}__{args.exp_name}__{args.seed}__{int(time.time())}"
-        self.run_dir = args.run_dir or c.get("run_dir") or unused_path(os.path.join("runs", stamp))
+        self.run_dir = args.run_dir or c.get("run_dir") or new_run_dir(args)
         self.args_dict, self.path = dataclasses.asdict(args), os.path.join(self.run_dir, "checkpoint.pt")
 
     def open_run_dir(self) -> None:
-        """Take the run directory (its lock first), write config.json, open the logs; on resume, cut each CSV back
-        to the size the checkpoint recorded."""
+        """Lock the run directory, write config.json, open the logs (on resume, each cut to the checkpoint's size)."""
         args, c, n = self.args, self.checkpoint, len(self.agents)
         os.makedirs(self.run_dir, exist_ok=True)
         self.lock = lock_run_dir(self.run_dir)  # before anything is written there
+        if not c and os.path.exists(os.path.join(self.run_dir, "config.json")):  # validate: no checkpoint, no episode
+            say(f"note: {self.run_dir} holds a run that stopped before its first checkpoint: it starts there afresh")
         with open(os.path.join(self.run_dir, "config.json"), "w") as f:
             json.dump({**self.args_dict, "algorithm": ALGORITHM, "run_dir": self.run_dir, "agents": self.agents,
                        "defaults_taken": defaults_taken(args), "funcpg": FUNCPG_VERSION, "torch": torch.__version__,
@@ -799,29 +800,23 @@ class Run:
         self.tags = [{k: a[k] for k in a if k == "seed" or grid} for a in self.agents]
         self.files, self.writers, self.interactive = {}, {}, sys.stdout.isatty()
         for name in self.COLUMNS:  # resume: cut each file to the size the checkpoint logged (later rows come again)
-            if c and os.path.exists(os.path.join(self.run_dir, name)):
-                os.truncate(os.path.join(self.run_dir, name), c["csv_sizes"][name])
             self.files[name] = open(os.path.join(self.run_dir, name), "a+", newline="")
-        self.tb = []
-        if args.tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = [SummaryWriter(self.run_dir if n == 1 else os.path.join(
-                self.run_dir, "tensorboard", "_".join(f"{k}{v:g}" for k, v in tag.items()))) for tag in self.tags]
+            self.files[name].truncate(c["csv_sizes"][name] if c else 0)  # a fresh run over a dead one's: emptied
+        writer = args.tensorboard and importlib.import_module("torch.utils.tensorboard").SummaryWriter
+        self.tb = [writer(self.run_dir if n == 1 else os.path.join(self.run_dir, "tensorboard", "_".join(
+            f"{k}{v:g}" for k, v in tag.items()))) for tag in self.tags] if writer else []
 
     def start(self, generators: list[torch.Generator], params: list[dict], norm: dict) -> tuple:
-        """The state to train from, stacked over the agents: the checkpoint's (and its generator states) on --resume,
-        else each agent's params, a fresh Adam state, and norm (one agent's initial statistics) for every agent."""
-        self.generators = generators
-        params = {k: v.to(self.device) for k, v in stack_agents(params).items()}
+        """The state (stacked): on --resume the checkpoint's (and its RNG states), else params, fresh Adam and norm."""
+        self.generators, params = generators, {k: v.to(self.device) for k, v in stack_agents(params).items()}
         fresh = (params, stack_agents([adam_init(agent_slice(params, i)) for i in range(len(self.agents))]),
                  stack_agents([norm] * len(self.agents)))
         if self.checkpoint:
             check_state(self.args.resume, self.checkpoint, fresh, len(generators))
         self.open_run_dir()
         if self.checkpoint and len(self.checkpoint["rng_state"][0]) != len(generators[0].get_state()):
-            print(f"note: the checkpoint's action noise was drawn on another kind of device; on {self.device.type} it "
-                  "goes on from a fresh stream (parameters, optimizer, statistics and counters go on as saved)")
+            say(f"note: the checkpoint's action noise was drawn on another kind of device; on {self.device.type} it "
+                "goes on from a fresh stream (parameters, optimizer, statistics and counters go on as saved)")
             for generator, agent, updates in zip(generators, self.agents, self.num_updates):
                 generator.manual_seed(derived_seed(agent["seed"], 2, int(updates)))
         elif self.checkpoint:
@@ -829,14 +824,15 @@ class Run:
                 generator.set_state(state.cpu().clone())  # a copy: set_state of a row (a view) crashes torch 2.13
         self.state = tuple(self.checkpoint[k] for k in ("params", "opt_state", "norm")) if self.checkpoint else fresh
         self.last_good = self.snapshot()
+        if not self.checkpoint:  # step 0: a run stopped before its first --save-every boundary resumes from here
+            save_checkpoint(self.path, self.last_good)
         return self.state
 
     def wall(self) -> float:
         return self.wall_offset + time.time() - self.start_time
 
     def log(self, name: str, agent: int, step: int, **values) -> None:
-        """A row of agent number `agent` at its global step. A new file's header comes from its first row: the
-        columns of COLUMNS (empty where a row has none), then any other key (a new metric is a new column)."""
+        """A row of agent `agent` at `step`; a new file's header: COLUMNS, then any other key (a metric: a column)."""
         if name not in self.writers:
             f = self.files[name]
             f.seek(0)
@@ -853,8 +849,7 @@ class Run:
                 self.tb[agent].add_scalar("charts/SPS" if k == "sps" else tag + k, v, step)
 
     def snapshot(self) -> dict:
-        """What checkpoint.pt holds: the state, counters, RNG states, and the sizes of the CSV files (flushed) that
-        go with them."""
+        """What checkpoint.pt holds: the state, counters, RNG states, and the sizes of the (flushed) CSV files."""
         for name, f in self.files.items():
             try:
                 f.flush()
@@ -868,8 +863,7 @@ class Run:
                 "csv_sizes": {name: os.fstat(f.fileno()).st_size for name, f in self.files.items()}}
 
     def learning(self) -> bool:
-        """Whether to collect another batch: some agent is short of --total-timesteps, and not every agent has
-        reached --target-return."""
+        """Another batch? Some agent is short of --total-timesteps, and not every agent has reached --target-return."""
         self.batch_start, target = time.time(), self.args.target_return
         reached = target is not None and all(len(r) == r.maxlen and np.mean(r) >= target for r in self.recent)
         return self.global_step.min() < self.args.total_timesteps and not reached
@@ -877,20 +871,26 @@ class Run:
     def record(self, learning: np.ndarray, steps: np.ndarray, episodes: list[tuple], params: dict, opt_state: dict,
                norm: dict, metrics: dict) -> tuple:
         """After an update on a batch of steps [A] per env with episodes (env, t, return, length): agents not
-        learning keep their state; a non-finite update stops the run (checkpoint.pt keeps the last finite state);
-        count; log; evaluate and save where --eval-every / --save-every boundaries were crossed. Returns the state."""
-        before, n = self.global_step, self.args.num_envs
+        learning keep their state; a non-finite value in the new state, metrics or returns: RunFailed (the last finite
+        state is saved); count; log; evaluate and save where --eval-every / --save-every boundaries were crossed."""
+        before, n, leaves = self.global_step, self.args.num_envs, []
         if not learning.all():
             keep = torch.as_tensor(learning, device=self.device)
             params, opt_state, norm = (where_agents(keep, new, old) for new, old in zip((params, opt_state, norm),
                                                                                         self.state))
-        finite = (metrics.pop("finite") | ~torch.as_tensor(learning, device=self.device)).cpu().numpy()
+        tree_map(lambda x: x.is_floating_point() and leaves.append(x.reshape(len(learning), -1)),
+                 (params, opt_state, norm, metrics))  # every tensor of the state: one isfinite for them all
+        finite, skips = torch.stack([torch.isfinite(torch.cat(leaves, 1)).all(1).double(), norm["obs"]["skipped"]
+                                     - self.state[2]["obs"]["skipped"]]).cpu().numpy()  # one device sync
+        finite = (finite > 0) | ~learning
+        finite[[env // n for env, _, r, _ in episodes if not math.isfinite(r)]] = False
+        names = [" ".join(f"{k} {v:g}" for k, v in tag.items()) for tag in self.tags]
         if not finite.all():
-            save_checkpoint(self.path, self.last_good)
-            bad = ", ".join(" ".join(f"{k} {v:g}" for k, v in self.tags[i].items()) for i in np.flatnonzero(~finite))
-            raise NonFiniteLoss(f"non-finite loss, gradient or parameters at step {(before + steps * n).min()} ({bad});"
-                                f" checkpoint.pt holds the last finite state, step {self.last_good['global_step']}: "
-                                f"{self.path}")
+            raise RunFailed(f"non-finite loss, gradient, state or return at step {(before + steps * n).min()} "
+                            f"({', '.join(names[i] for i in np.flatnonzero(~finite))})")
+        for i in np.flatnonzero(skips):
+            say(f"note: {names[i]}: {skips[i]:.0f} observation(s) with a non-finite entry by step "
+                f"{int(before[i]) + steps[i] * n}, left out of the running statistics (--normalize-obs)")
         self.state, self.global_step, self.num_updates = (params, opt_state, norm), before + steps * n, \
             self.num_updates + learning
         for env, t, episode_return, length in episodes:
@@ -915,12 +915,10 @@ class Run:
         return self.state
 
     def evaluate(self, i: int) -> None:
-        """Evaluate agent i at its own step on envs of its own (its result depends on no other agent); with
-        --capture-video the first agent's first episode also goes to run_dir/videos."""
+        """Evaluate agent i at its step on envs of its own; with --capture-video agent 0's first episode to videos/."""
         step, (params, _, norm), one = int(self.global_step[i]), self.state, slice(i, i + 1)
-        seed, obs_stats = derived_seed(self.agents[i]["seed"], 1, step), None
-        if self.args.normalize_obs:
-            obs_stats = agent_slice(norm["obs"], one)  # frozen: evaluation never updates them
+        seed = derived_seed(self.agents[i]["seed"], 1, step)
+        obs_stats = agent_slice(norm["obs"], one) if self.args.normalize_obs else None  # frozen: evaluation keeps them
         r = evaluate(self.args, agent_slice(params, one), obs_stats, seed, self.device)[0]
         if self.args.capture_video and i == 0:
             evaluate(self.args, agent_slice(params, one), obs_stats, seed, self.device,
@@ -940,8 +938,7 @@ class Run:
         speed = f"{sps:>7,.0f} steps/s" if len(recent) == 1 else f"{sps * len(recent):>7,.0f} steps/s (all agents)"
         eta = max(self.args.total_timesteps - step, 0) / max(sps, 1e-9)
         line = f"step {step:>9,}/{self.args.total_timesteps:,} | return ({which}) {mean} | {speed} | ETA {eta:5.0f}s"
-        print(("\r" if self.interactive else "") + line, end="" if self.interactive and not final else "\n",
-              flush=True)
+        say(("\r" if self.interactive else "") + line, end="" if self.interactive and not final else "\n")
 
     def finish(self) -> None:
         """Evaluate every agent at its last step (unless done there) and save the checkpoint."""
@@ -954,19 +951,23 @@ class Run:
         return self
 
     def __exit__(self, kind, error, traceback) -> bool:
-        """On Ctrl-C: save the state at the last completed update (the interrupted batch is not part of the run)."""
-        if kind is KeyboardInterrupt:
-            self.interrupted = True
+        """On Ctrl-C, SIGTERM, SIGHUP (interrupted: the signal) or RunFailed: save the last completed update's state."""
+        if isinstance(error, (KeyboardInterrupt, RunFailed)):
             with ctrl_c_deferred(drop=True):  # pressing Ctrl-C again does not cut the save short
                 save_checkpoint(self.path, self.last_good)
-        if kind is not None and kind is not KeyboardInterrupt:
+        if isinstance(error, KeyboardInterrupt):
+            self.interrupted = int(error.args[0] if isinstance(error, Preempted) else signal.SIGINT)
+            return True
+        if isinstance(error, RunFailed):
+            error.args = (f"{error}; checkpoint.pt holds step {min(self.last_good['global_step']):,}, continue with: "
+                          f"{resume_command(self.args, self.run_dir)}",)
+        if kind is not None:
             os.close(self.lock)  # the run stops here: let the user resume it from this process too
-        return kind is KeyboardInterrupt
+        return False
 
     def result(self) -> dict:
-        """{"agents", "episodes", "evaluations", "params", "recent_returns", "run_dir", "global_step",
-        "interrupted"}, per agent in the order of agent_grid: "episodes" {"global_step", "return", "length"} of the
-        training episodes, "evaluations" [(global_step, mean, std)], "params" the final (checkpointed) parameters."""
+        """Per agent (agent_grid's order): training "episodes" {"global_step", "return", "length"}, "evaluations"
+        [(step, mean, std)], final "params", "recent_returns", "global_step"; "agents", "run_dir", "interrupted"."""
         if not self.interrupted:
             steps = float(np.mean(self.global_step - self.start_step))
             self.progress(steps / max(self.wall() - self.wall_offset, 1e-9), final=True)
@@ -984,8 +985,9 @@ class Run:
                 "interrupted": self.interrupted}
 
 
-def unused_path(path: str) -> str:
-    """path, or path-2, path-3, ... if it exists (two runs started in the same second)."""
+def new_run_dir(args: Args) -> str:
+    """runs/{env_id}__{exp_name}__{seed}__{unix time}, or with -2, -3, ... if it exists (runs started in one second)."""
+    path = os.path.join("runs", f"{re.sub('[/:]', '-', args.env_id)}__{args.exp_name}__{args.seed}__{int(time.time())}")
     return next(p for i in range(1, 2**31) if not os.path.exists(p := f"{path}-{i}" if i > 1 else path))
 
 
@@ -1012,40 +1014,35 @@ def check_args(args: Args, **bounds: str) -> None:
 
 
 def check_env(env_id: str, envs: gym.vector.VectorEnv) -> None:
-    """ValueError naming what is unsupported: the autoreset mode (NEXT_STEP only), no time limit, the observation
-    space (a 1-D Box), the action space (Discrete from 0, or a bounded 1-D Box), observations from reset that do not
-    fit the observation space."""
+    """ValueError naming what is unsupported: the autoreset mode (NEXT_STEP only), no time limit, the spaces (a 1-D
+    Box; Discrete from 0 or a bounded 1-D Box), a reset or step that fails (unfit observations, a non-number reward)."""
     mode = envs.metadata.get("autoreset_mode", gym.vector.AutoresetMode.NEXT_STEP)
     observation_space, action_space = envs.single_observation_space, envs.single_action_space
+    box = lambda space: isinstance(space, gym.spaces.Box) and len(space.shape) == 1 and space.shape[0] > 0  # noqa: E731
     if mode != gym.vector.AutoresetMode.NEXT_STEP:
         raise ValueError(f"env {env_id!r} uses autoreset mode {mode}; allowed: NEXT_STEP (gymnasium's default)")
     if envs.spec is None or not envs.spec.max_episode_steps:
         raise ValueError(f"env {env_id!r} has no time limit; allowed: an env registered with max_episode_steps")
-    if not (isinstance(observation_space, gym.spaces.Box) and len(observation_space.shape) == 1
-            and observation_space.shape[0] > 0):
+    if not box(observation_space):
         raise ValueError(f"env {env_id!r} has observation space {observation_space}; allowed: a 1-D Box of size >= 1")
     if isinstance(action_space, gym.spaces.Discrete) and action_space.start != 0:
         raise ValueError(f"env {env_id!r} has action space {action_space}; allowed: Discrete(n) starting at 0")
-    if not isinstance(action_space, gym.spaces.Discrete) and not (
-            isinstance(action_space, gym.spaces.Box) and len(action_space.shape) == 1 and action_space.shape[0] > 0
-            and np.all(np.isfinite(action_space.low)) and np.all(np.isfinite(action_space.high))):
+    if not (isinstance(action_space, gym.spaces.Discrete) or box(action_space) and np.isfinite(action_space.low).all()
+            and np.isfinite(action_space.high).all()):
         raise ValueError(f"env {env_id!r} has action space {action_space}; allowed: Discrete or a bounded 1-D Box "
                          f"of size >= 1")
     with warnings.catch_warnings():  # gymnasium's env checker warns about it too: the error line says it once
         warnings.simplefilter("ignore")
-        try:
-            shape = np.shape(envs.reset(seed=0)[0])[1:]
-            problem = f"reset returned observations of shape {shape}" * (shape != observation_space.shape)
-        except Exception as e:  # e.g. a vector env that cannot stack what its envs' reset returned
-            problem = f"reset failed ({type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]})"
-    if problem:
-        raise ValueError(f"env {env_id!r}: {problem}, its observation space is {observation_space}; allowed: an "
-                         f"env whose observations fit its observation space")
+        try:  # one reset and one step (GuardedEnv checks what they return): before any work
+            envs.reset(seed=0)
+            envs.step(envs.action_space.sample())
+        except RunFailed as e:  # e.g. a vector env that cannot stack what its envs' reset returned
+            raise ValueError(f"env {env_id!r}: {e}; its observation space is {observation_space}; allowed: an env "
+                             f"whose reset and step return observations that fit it and a number as reward") from None
 
 
 def validate(args: Args) -> None:
-    """ValueError with a one-line message for what Args cannot check alone: the env, the checkpoint to resume, the
-    run directory, the device and optional packages. Does no training and writes nothing."""
+    """A one-line ValueError for what Args cannot check alone (env, checkpoint, run directory, device, extras)."""
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA device is available; allowed here: cpu, auto")
     try:
@@ -1062,12 +1059,11 @@ def validate(args: Args) -> None:
     need = 4 * agents * (10 * weights + args.num_envs * (args.num_steps + envs.spec.max_episode_steps)
                          * (2 * sizes[0] + 3 * sizes[-1] + 8))
     have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    if need > have / 2 or agents * max(args.num_envs, args.eval_episodes) > 10**5:
+    if (many := agents * max(args.num_envs, args.eval_episodes)) > 10**5 or need > have / 2:
         raise ValueError(f"--num-envs {args.num_envs} --num-steps {args.num_steps} --eval-episodes {args.eval_episodes}"
                          f" {flag_text('hidden_sizes', args.hidden_sizes)} for {agents} agent(s): about "
                          f"{need / 2**30:.1f} GiB of buffers and parameters (allowed: half this machine's "
-                         f"{have / 2**30:.0f} GiB) and {agents * max(args.num_envs, args.eval_episodes)} envs "
-                         f"(allowed: 100000)")
+                         f"{have / 2**30:.0f} GiB) and {many} envs (allowed: 100000)")
     checkpoint = load_checkpoint(args.resume) if args.resume else None
     if checkpoint:
         saved, agents = checkpoint["args"], agent_grid(args)
@@ -1091,21 +1087,27 @@ def validate(args: Args) -> None:
     if args.run_dir and os.path.exists(args.run_dir) and not os.path.isdir(args.run_dir):
         raise ValueError(f"--run-dir {args.run_dir!r} is a file; allowed: a directory (new, or a run to --resume)")
     run_dir = args.run_dir or (checkpoint and checkpoint["run_dir"])
-    if args.run_dir and any(os.path.exists(os.path.join(args.run_dir, f)) for f in ("episodes.csv", "checkpoint.pt")) \
-            and not (checkpoint and os.path.samefile(args.run_dir, checkpoint["run_dir"])):
+    if args.run_dir and any(os.path.isfile(p := os.path.join(args.run_dir, f)) and os.path.getsize(p) for f in (
+            "episodes.csv", "checkpoint.pt")) and not (checkpoint and os.path.samefile(run_dir, checkpoint["run_dir"])):
         raise ValueError(f"--run-dir {args.run_dir!r} already holds a run; choose a new directory or "
-                         f"--resume {args.run_dir}")
+                         f"--resume {shlex.quote(args.run_dir)}")
     if run_dir and os.path.isdir(run_dir):
         os.close(lock_run_dir(run_dir))
-    place = os.path.abspath(run_dir or "runs")
-    while not os.path.exists(place):  # the directory that will hold it
-        place = os.path.dirname(place)
-    try:  # a real write (as root, permission bits say nothing): a directory made and removed again
-        os.rmdir(tempfile.mkdtemp(prefix=".funcpg-check-", dir=place))
+    place, made = os.path.abspath(run_dir or new_run_dir(args)), []
+    while not os.path.exists(place):  # the directories the run will make
+        place, made = os.path.dirname(place), [place, *made]
+    try:  # a real write (as root, permission bits say nothing; a name too long fails here too), then undone
+        for directory in made:
+            os.mkdir(directory)
+        os.rmdir(tempfile.mkdtemp(prefix=".funcpg-check-", dir=(made or [place])[-1]))
     except OSError as e:
         flag = f"--run-dir {run_dir!r}" if run_dir else "the default run directory runs/"
         raise ValueError(f"{flag}: cannot write in {place!r} ({e.strerror or e}); allowed: a place you can "
-                         f"write") from None
+                         f"write, with names the filesystem can hold") from None
+    finally:
+        for directory in reversed(made):
+            with contextlib.suppress(OSError):
+                os.rmdir(directory)
     for flag, module in [("--tensorboard", "tensorboard"), ("--capture-video", "moviepy")]:
         try:
             getattr(args, flag[2:].replace("-", "_")) and importlib.import_module(module)
@@ -1121,21 +1123,23 @@ def flag_text(field: str, value) -> str:
     return f"--{flag} {' '.join(map(str, value)) if isinstance(value, (tuple, list)) else value}"
 
 
+def resume_command(args: Args, run_dir: str) -> str:
+    """The shell command that continues a run (a module:EnvId env is named again: a checkpoint imports nothing)."""
+    return f"{program()} {shlex.join(['--resume', run_dir] + ['--env-id', args.env_id] * (':' in args.env_id))}"
+
+
 def program() -> str:
     """How the user called this script: python -m funcpg.reinforce, funcpg-reinforce, python path/reinforce.py."""
-    spec = getattr(sys.modules["__main__"], "__spec__", None)
-    if spec and spec.name != "__main__":
+    if (spec := getattr(sys.modules["__main__"], "__spec__", None)) and spec.name != "__main__":
         return f"python -m {spec.name}"
-    return f"python {sys.argv[0]}" if sys.argv[0].endswith(".py") else os.path.basename(sys.argv[0])
+    return f"python {shlex.quote(sys.argv[0])}" if sys.argv[0].endswith(".py") else os.path.basename(sys.argv[0])
 
 
 def env_defaults(env_id: str) -> dict:
-    """What an env changes in Args' defaults: CONTINUOUS_DEFAULTS for a Box action space (unknown for an env that
-    cannot be made: validate reports it), then its entry in ENV_DEFAULTS. Flags given still win."""
+    """An env's defaults: CONTINUOUS_DEFAULTS for a Box action space (none if it cannot be made), ENV_DEFAULTS."""
     try:
-        envs = make_env(env_id, 1)
-        envs.close()
-        continuous = isinstance(envs.single_action_space, gym.spaces.Box)
+        with contextlib.closing(make_env(env_id, 1)) as envs:
+            continuous = isinstance(envs.single_action_space, gym.spaces.Box)
     except Exception:
         continuous = False
     return {**(CONTINUOUS_DEFAULTS if continuous else {}), **ENV_DEFAULTS.get(env_id, {})}
@@ -1147,8 +1151,7 @@ def defaults_taken(args: Args) -> list[str]:
 
 
 def parse_args(default: Optional[Args] = None, argv: Optional[list[str]] = None) -> Args:
-    """tyro.cli over argv (default: the command line); tyro's error box becomes one line `error: ...`, exit 2.
-    Without `default`, the env's env_defaults are the defaults; flags given override them."""
+    """tyro.cli over argv, the defaults `default` or the env's; tyro's error box becomes one `error:` line, exit 2."""
     captured, table = io.StringIO(), {"continuous actions": CONTINUOUS_DEFAULTS, **ENV_DEFAULTS}
     description = "\n\n".join([__doc__.split("\n\n")[0], "Defaults by env (flags given win): " + "; ".join(
         f"{env}: {' '.join(flag_text(k, v) for k, v in d.items())}" for env, d in table.items())])
@@ -1168,10 +1171,7 @@ def parse_args(default: Optional[Args] = None, argv: Optional[list[str]] = None)
             if title not in ("Value error", message) and not message.lower().startswith(title.lower()):
                 message = f"{title}: {message}"
             print(f"error: {message} (--help lists every flag)", file=sys.stderr)
-        try:
-            sys.stdout.flush()
-        except BrokenPipeError:
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        say("", end="")  # flush: a reader gone (--help | head) ends it quietly
         raise
     sys.stderr.write(captured.getvalue())
     defaults = env_defaults(args.env_id) if default is None else {}
@@ -1181,20 +1181,15 @@ def parse_args(default: Optional[Args] = None, argv: Optional[list[str]] = None)
 def fits(value, hint) -> bool:
     """Whether a value read from a checkpoint has the type of an Args field (an int is a float too)."""
     origin, inner = get_origin(hint), get_args(hint)
-    if origin is Union:
-        return any(fits(value, h) for h in inner)
-    if origin is Literal:
-        return value in inner
+    if origin is Union or origin is Literal:
+        return any(fits(value, h) for h in inner) if origin is Union else value in inner
     if origin is tuple:
         return isinstance(value, (list, tuple)) and all(fits(v, inner[0]) for v in value)
-    if hint is float:
-        return type(value) in (int, float)
-    return type(value) is hint
+    return type(value) in ((int, float) if hint is float else (hint,))
 
 
 def command_line() -> Args:
-    """Args from the command line (on --resume, the checkpoint's settings are the defaults that flags override),
-    checked by validate; bad input: one `error:` line, exit 2. Says which continuous-action defaults it took."""
+    """Args from the command line (on --resume the checkpoint's are the defaults), validated (else exit 2)."""
     args = parse_args()
     try:
         if args.resume:
@@ -1219,25 +1214,29 @@ def command_line() -> Args:
         sys.exit(2)
     taken = [] if args.quiet or args.resume else defaults_taken(args)
     if taken:
-        print(f"defaults for {args.env_id}: {' '.join(taken)} (by its action space and ENV_DEFAULTS; flags win)")
+        say(f"defaults for {args.env_id}: {' '.join(taken)} (by its action space and ENV_DEFAULTS; flags win)")
     return args
 
 
 def run_command_line(train) -> None:
-    """main(): train on the command line's Args; a non-finite loss: one `error:` line, exit 1. Then the summary
-    line, or after Ctrl-C the command that continues the run (exit 130)."""
+    """main(): train; a RunFailed: one `error:` line, exit 1 (FUNCPG_DEBUG=1: the traceback); the summary, or on a stop
+    how to continue (exit 130, 143, 129 for Ctrl-C, SIGTERM, SIGHUP). A stdout gone: the run goes on, silent."""
+    sys.stdout, sys.stderr = (f or open(os.devnull, "w") for f in (sys.stdout, sys.stderr))  # None: a closed fd
+    for s in [s for s in STOP_SIGNALS if signal.getsignal(s) is not signal.SIG_IGN]:  # (nohup's SIGHUP stays ignored)
+        signal.signal(s, stop)
     try:
         args = command_line()
         result = train(args)
-    except KeyboardInterrupt:  # Ctrl-C before training began (after it, the run saves and returns "interrupted")
-        print("\n" * sys.stdout.isatty() + "interrupted during start-up, before the first update (nothing was trained)")
-        sys.exit(130)
-    except (RunDirInUse, StateMismatch) as e:  # another process took the directory since validate looked; a
-        # checkpoint whose tensors do not fit (found as the run starts, before it writes anything)
+    except KeyboardInterrupt as e:  # a stop before training began (after it, the run saves and returns "interrupted")
+        say("\n" * sys.stdout.isatty() + "interrupted during start-up, before the first update (nothing was trained)")
+        sys.exit(128 + int(e.args[0] if isinstance(e, Preempted) else signal.SIGINT))
+    except Refused as e:  # since validate looked, another process took the directory; a state that does not fit
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    except (NonFiniteLoss, OSError) as e:  # OSError: the run directory could not be written (e.g. a full disk)
-        print("\n" * sys.stdout.isatty(), end="")  # end the progress line
+    except (RunFailed, OSError) as e:  # OSError: the run directory could not be written (a full disk)
+        if os.environ.get("FUNCPG_DEBUG"):
+            raise
+        say("\n" * sys.stdout.isatty(), end="")  # end the progress line
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     returns = result["recent_returns"]
@@ -1250,11 +1249,12 @@ def run_command_line(train) -> None:
         summary = (f"{len(returns)} agents ({len(means)} with an episode), mean return of each one's last 100 "
                    f"episodes: mean {np.mean(means):.1f}, min {np.min(means):.1f}, max {np.max(means):.1f}")
     if result["interrupted"]:
-        print("\n" * sys.stdout.isatty() + f"interrupted, checkpoint saved: {min(result['global_step']):,} steps, "
-              f"{summary}; continue with: {program()} --resume {result['run_dir']}")
-        sys.exit(130)
+        by = "" if result["interrupted"] == signal.SIGINT else f" by {signal.Signals(result['interrupted']).name}"
+        say("\n" * sys.stdout.isatty() + f"interrupted{by}, checkpoint saved: {min(result['global_step']):,} steps, "
+            f"{summary}; continue with: {resume_command(args, result['run_dir'])}")
+        sys.exit(128 + result["interrupted"])
     if not args.quiet:
-        print(f"done: {min(result['global_step']):,} steps, {summary}; run directory: {result['run_dir']}")
+        say(f"done: {min(result['global_step']):,} steps, {summary}; run directory: {result['run_dir']}")
 
 
 if __name__ == "__main__":

@@ -171,6 +171,8 @@ def assert_one_adam_step(before: dict, after: dict, lr: dict[str, float], betas=
 
 # Tiny third-party environments, registered when `testenvs` is imported (the `module:EnvId` syntax).
 TESTENVS = textwrap.dedent('''
+    import os
+
     import gymnasium as gym
     import numpy as np
     from gymnasium import spaces
@@ -241,6 +243,41 @@ TESTENVS = textwrap.dedent('''
             os.kill(os.getpid(), signal.SIGINT)
 
 
+    class FailsLater(Tiny):
+        """Step number TESTENV_AT (default 300) of this process, counted over all its envs (the env check's step
+        too), goes wrong as TESTENV_FAULT says: "raise" (step raises), "reset" (every reset from then on raises),
+        "shape" (a 4-d observation), "inf" or "nan" (one observation entry, that step only)."""
+
+        steps = 0
+
+        def reset(self, *, seed=None, options=None):
+            at = int(os.environ.get("TESTENV_AT", 300))
+            if os.environ.get("TESTENV_FAULT") == "reset" and FailsLater.steps >= at:
+                raise ConnectionError("lost the connection to the simulator")
+            return super().reset(seed=seed, options=options)
+
+        def step(self, action):
+            FailsLater.steps += 1
+            obs, *rest = super().step(action)
+            fault, at = os.environ.get("TESTENV_FAULT"), int(os.environ.get("TESTENV_AT", 300))
+            if FailsLater.steps == at and fault == "raise":
+                raise RuntimeError("the simulator diverged")
+            if FailsLater.steps == at and fault in ("inf", "nan"):
+                obs = obs.copy()
+                obs[0] = float(fault)
+            if FailsLater.steps >= at and fault == "shape":
+                obs = np.zeros(4, np.float32)
+            return (obs, *rest)
+
+
+    class VectorReward(Tiny):
+        """A reward of two numbers: the env check's step finds it before any work."""
+
+        def step(self, action):
+            obs, reward, *rest = super().step(action)
+            return (obs, np.array([reward, reward]), *rest)
+
+
     def _same_step_vector_env(num_envs=1, **kwargs):
         return gym.vector.SyncVectorEnv([Tiny for _ in range(num_envs)],
                                         autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
@@ -255,6 +292,8 @@ TESTENVS = textwrap.dedent('''
     gym.register("EmptyObs-v0", entry_point=EmptyObservations, max_episode_steps=50)
     gym.register("EmptyActions-v0", entry_point=EmptyActions, max_episode_steps=50)
     gym.register("CtrlCOnMake-v0", entry_point=CtrlCOnMake, max_episode_steps=50)
+    gym.register("FailsLater-v0", entry_point=FailsLater, max_episode_steps=50)
+    gym.register("VectorReward-v0", entry_point=VectorReward, max_episode_steps=50)
     gym.register("SameStepAutoreset-v0", entry_point=Tiny, vector_entry_point=_same_step_vector_env,
                  max_episode_steps=50)
 ''')

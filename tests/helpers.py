@@ -125,7 +125,7 @@ def check_compiled_update(compiled, eager, module, params, batches, hyper, max_g
         for key in metric_keys:
             assert m_c[key].shape == m_e[key].shape == (num_agents,), key
             torch.testing.assert_close(m_c[key], m_e[key], rtol=1e-5, atol=1e-6, msg=lambda msg: f"{key}: {msg}")
-        assert bool(m_c["finite"].all())
+        assert all(torch.isfinite(m).all() for m in m_c.values())
         for a, (ref, opt) in enumerate(zip(refs, opts)):
             grad_scale = min(m_e["grad_norm"][a].item(), max_grad_norm)  # norm of agent a's clipped gradient
             exp_avg_c, exp_avg_e = module.agent_slice(s_c["exp_avg"], a), module.agent_slice(s_e["exp_avg"], a)
@@ -179,12 +179,12 @@ def check_vmapped_update(module, args, params, batches, hyper) -> None:
     for u, batch in enumerate(batches):
         assert all(x.shape[1] == num_agents for x in batch)
         p_new, s_new, n_new, metrics = batched(p, s, n, batch, hyper)
-        assert set(metrics) >= {"policy_loss", "entropy", "grad_norm", "finite"}
+        assert set(metrics) >= {"policy_loss", "entropy", "grad_norm"}
         for key, m in metrics.items():
             assert m.shape == (num_agents,), key
         # one Adam step per update, or (ppo.py) one per minibatch taken: the per-agent comparison checks the count
         assert (s_new["step"] > s["step"]).all()
-        assert bool(metrics["finite"].all())
+        assert all(torch.isfinite(m).all() for m in metrics.values())
         outs = []
         for i in range(num_agents):
             want = agent_update(module.agent_slice(p, i), module.agent_slice(s, i), module.agent_slice(n, i),

@@ -53,11 +53,17 @@ BAD_INPUT = [
     *bad([R, RB], ["--env-id", "testenvs:DictObs-v0"], ["testenvs:DictObs-v0", "Dict"], "dict-observations"),
     *bad([R, AC], ["--env-id", "testenvs:WrongShapeReset-v0"], ["testenvs:WrongShapeReset-v0", "reset", "(3,)"],
          "reset-of-the-wrong-shape"),
+    *bad([RB, PPO], ["--env-id", "testenvs:VectorReward-v0"], ["testenvs:VectorReward-v0", "step", "ValueError",
+                                                                 "a number as reward"], "reward-of-two-numbers"),
     *bad([RB], ["--env-id", "testenvs:EmptyObs-v0"], ["testenvs:EmptyObs-v0", "size >= 1"], "empty-observations"),
     *bad([AC], ["--env-id", "testenvs:EmptyActions-v0"], ["testenvs:EmptyActions-v0", "size >= 1"], "empty-actions"),
     # where the run writes
     *bad([R, AC], ["--run-dir", "/proc/funcpg-run"], ["--run-dir", "/proc", "cannot write"], "run-dir-in-proc"),
     *bad([RB], ["--run-dir", "{tmp}/a_file/run"], ["--run-dir", "a_file", "cannot write"], "run-dir-under-a-file"),
+    *bad([R], ["--run-dir", "{tmp}/" + "x" * 300], ["--run-dir", "xxxx", "cannot write", "name too long"],
+         "run-dir-name-too-long"),
+    *bad([PPO], ["--run-dir", "{tmp}/new/" + "x" * 300 + "/run"], ["--run-dir", "cannot write", "name too long"],
+         "run-dir-deep-name-too-long"),
     # numbers
     *bad(ALL, ["--gamma", "2.0"], ["--gamma", "2.0"], "gamma-2"),
     *bad([R], ["--gamma", "nan"], ["--gamma", "nan"], "gamma-nan"),

@@ -289,16 +289,18 @@ def test_ctrl_c_during_start_up_is_one_line_and_exit_130(tmp_path, script):
 
 
 def test_a_second_ctrl_c_while_the_checkpoint_is_saved_does_not_cut_the_save_short(tmp_path):
-    """A Ctrl-C arrives as every checkpoint save starts (torch.save wrapped, a deterministic point): the first one,
-    during a periodic save, stops the run after it; the second, as the run saves its state on the way out, must
-    not interrupt that save. Exit 130, the usual line, a checkpoint that resumes."""
+    """A Ctrl-C arrives as every checkpoint save but step 0's starts (torch.save wrapped, a deterministic point):
+    the first one, during a periodic save, stops the run after it; the second, as the run saves its state on the
+    way out, must not interrupt that save. Exit 130, the usual line, a checkpoint that resumes."""
     wrapper = tmp_path / "ctrl_c_at_every_save.py"
     wrapper.write_text(textwrap.dedent(f"""
         import os, runpy, signal, sys
         import torch
-        save = torch.save
+        save, calls = torch.save, []
         def save_after_a_ctrl_c(*args, **kwargs):
-            os.kill(os.getpid(), signal.SIGINT)
+            calls.append(1)
+            if len(calls) > 1:  # not the step-0 checkpoint, saved as the run starts up
+                os.kill(os.getpid(), signal.SIGINT)
             return save(*args, **kwargs)
         torch.save = save_after_a_ctrl_c
         sys.argv[0] = {str(script_path(R))!r}

@@ -283,6 +283,15 @@ def test_an_unwritable_default_run_directory_is_one_error_line_before_any_work(t
     assert sorted(p.name for p in tmp_path.iterdir()) == ["runs"]
 
 
+def test_a_default_run_directory_name_too_long_for_the_filesystem_is_one_error_line_before_any_work(tmp_path):
+    """--exp-name goes into the default run directory's name: one the filesystem cannot hold is refused up front
+    (exit 2), and the directories the check made to find out are gone again."""
+    r = subprocess.run(command("actor_critic", "--exp-name", "x" * 300, "--total-timesteps", 1000), cwd=tmp_path,
+                       capture_output=True, text=True, timeout=120)
+    one_error_line(r, "runs/", "cannot write", "name too long")
+    assert list(tmp_path.iterdir()) == []
+
+
 def limit_file_size(size: int):
     def limit() -> None:  # in the child: files may not grow past `size` bytes (as on a disk that is nearly full)
         import resource

@@ -2,7 +2,8 @@
 
 What must hold, in all three scripts:
 - the running statistics are the mean and population variance of every value merged so far (numpy over the
-  concatenation), whatever the batch sizes, masks (empty batches included) and magnitudes;
+  concatenation), whatever the batch sizes, masks (empty batches included) and magnitudes; a value with a non-finite
+  entry is left out and counted ("skipped");
 - the discounted return so far, whose std scales the rewards, is a plain loop's, restarting after each episode
   end and carried from one rollout to the next (actor_critic);
 - the policy sees (obs - mean) / sqrt(var + 1e-8) clipped to [-10, 10]; evaluation applies each agent's own frozen
@@ -38,15 +39,19 @@ CPU = torch.device("cpu")
 @pytest.mark.parametrize("seed", range(4))
 def test_running_statistics_equal_numpy_over_everything_merged(script, shape, seed):
     m, rng = module_of(script), np.random.default_rng(seed)
-    stats, seen = m.stats_init(shape, CPU), []
+    stats, seen, skipped = m.stats_init(shape, CPU), [], 0
     for _ in range(15):
         T, N = int(rng.integers(1, 9)), int(rng.integers(1, 5))
         x = (rng.normal(size=(T, N, *shape)) * rng.choice([1e-3, 1.0, 1e3]) + rng.normal() * 50).astype(np.float32)
         mask = rng.random((T, N)) < rng.choice([0.0, 0.3, 1.0])  # some batches merge nothing
+        bad = rng.random((T, N)) < 0.1  # values with a non-finite entry (an env gone unstable): skipped and counted
+        x.reshape(T, N, -1)[bad, 0] = rng.choice([np.inf, -np.inf, np.nan], size=int(bad.sum()))
         stats = m.update_stats(stats, torch.from_numpy(x), torch.from_numpy(mask.astype(np.float32)))
-        seen.append(x.astype(np.float64)[mask])
+        seen.append(x.astype(np.float64)[mask & ~bad])
+        skipped += int((mask & bad).sum())
         values = np.concatenate(seen)
-        assert stats["count"].item() == len(values)
+        assert stats["count"].item() == len(values) and stats["skipped"].item() == skipped
+        assert all(torch.isfinite(v).all() for v in stats.values())
         if len(values) == 0:  # nothing merged yet: the identity normalization
             assert torch.equal(stats["mean"], torch.zeros(shape, dtype=torch.float64))
             assert torch.equal(stats["var"], torch.ones(shape, dtype=torch.float64))
