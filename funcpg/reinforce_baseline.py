@@ -900,16 +900,16 @@ class Run:
         """After an update on a batch of steps [A] per env with episodes (env, t, return, length): agents not
         learning keep their state; a non-finite value in the new state, metrics or returns: RunFailed (the last finite
         state is saved); count; log; evaluate and save where --eval-every / --save-every boundaries were crossed."""
-        before, n, leaves = self.global_step, self.args.num_envs, []
+        before, n, groups = self.global_step, self.args.num_envs, {}
         if not learning.all():
             keep = torch.as_tensor(learning, device=self.device)
             params, opt_state, norm = (where_agents(keep, new, old) for new, old in zip((params, opt_state, norm),
                                                                                         self.state))
-        tree_map(lambda x: x.is_floating_point() and leaves.append(x.reshape(len(learning), -1)),
-                 (params, opt_state, norm, metrics))  # every tensor of the state: one isfinite for them all
-        finite, skips = torch.stack([torch.isfinite(torch.cat(leaves, 1)).all(1).double(), norm["obs"]["skipped"]
-                                     - self.state[2]["obs"]["skipped"]]).cpu().numpy()  # one device sync
-        finite = (finite > 0) | ~learning
+        tree_map(lambda x: x.is_floating_point() and groups.setdefault(x.dtype, []).append(x.reshape(len(x), -1)),
+                 (params, opt_state, norm, metrics))  # the state by dtype; an agent's float64 sum: finite iff all is
+        total, skips = torch.stack([sum(torch.cat(g, 1).sum(1, dtype=torch.float64) for g in groups.values()),
+                                    norm["obs"]["skipped"] - self.state[2]["obs"]["skipped"]]).cpu().numpy()  # one sync
+        finite = np.isfinite(total) | ~learning
         finite[[env // n for env, _, r, _ in episodes if not math.isfinite(r)]] = False
         names = [" ".join(f"{k} {v:g}" for k, v in tag.items()) for tag in self.tags]
         if not finite.all():
