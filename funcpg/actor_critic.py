@@ -828,6 +828,7 @@ class Run:
                        "gymnasium": gym.__version__}, f, indent=2)
         grid = len(args.learning_rate) > 1 or len(args.ent_coef) > 1
         self.tags = [{k: a[k] for k in a if k == "seed" or grid} for a in self.agents]
+        self.names = [" ".join(f"{k} {v:g}" for k, v in tag.items()) for tag in self.tags]  # for messages
         self.files, self.writers, self.interactive = {}, {}, sys.stdout.isatty()
         for name in self.COLUMNS:  # resume: cut each file to the size the checkpoint logged (later rows come again)
             self.files[name] = open(os.path.join(self.run_dir, name), "a+", newline="")
@@ -914,12 +915,11 @@ class Run:
                                     norm["obs"]["skipped"] - self.state[2]["obs"]["skipped"]]).cpu().numpy()  # one sync
         finite = np.isfinite(total) | ~learning
         finite[[env // n for env, _, r, _ in episodes if not math.isfinite(r)]] = False
-        names = [" ".join(f"{k} {v:g}" for k, v in tag.items()) for tag in self.tags]
         if not finite.all():
             raise RunFailed(f"non-finite loss, gradient, state or return at step {(before + steps * n).min()} "
-                            f"({', '.join(names[i] for i in np.flatnonzero(~finite))})")
+                            f"({', '.join(self.names[i] for i in np.flatnonzero(~finite))})")
         for i in np.flatnonzero(skips):
-            say(f"note: {names[i]}: {skips[i]:.0f} observation(s) with a non-finite entry by step "
+            say(f"note: {self.names[i]}: {skips[i]:.0f} observation(s) with a non-finite entry by step "
                 f"{int(before[i]) + steps[i] * n}, left out of the running statistics (--normalize-obs)")
         self.state, self.global_step, self.num_updates = (params, opt_state, norm), before + steps * n, \
             self.num_updates + learning
