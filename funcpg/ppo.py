@@ -11,13 +11,12 @@ past 1 +- eps (--clip-coef) in the advantage's direction. A_t, the GAE(lambda) a
 minibatch), and R_t = A_t + V_old(s_t) come once per rollout, before the first step, from one reverse scan:
     delta_t = r_t + gamma * (1 - terminated_t) * V(s_{t+1}) - V(s_t)
     A_t = delta_t + gamma * lambda * (1 - done_t) * A_{t+1}
-Bootstrapping: 0 after a termination; V(final observation) after a time-limit truncation (NEXT_STEP autoreset
-returns it as s_{t+1}); V(next observation) at the rollout's end. The step after a done only resets its env: masked
-out. --clip-vloss limits V's change to eps too; --target-kl skips the rest of an update once a minibatch's
-approximate KL(pi_old || pi) exceeds it. One epoch of one minibatch, unstandardized, is actor_critic.py's A2C step.
-Continuous actions: a diagonal Gaussian (--gsde-every: gSDE). A resumed run starts its envs afresh (the rest goes
-on). --num-seeds K and --learning-rate / --ent-coef grids train agents at once: stacked parameters, a vmap-ed update
-(each agent shuffles with its own generator), one vector env of agents x num_envs environments.
+Bootstrapping: 0 after a termination; V(final observation) after a time-limit truncation (NEXT_STEP autoreset returns
+it as s_{t+1}); V(next observation) at the rollout's end. --clip-vloss limits V's change to eps too; --target-kl skips
+the rest of an update once a minibatch's approximate KL(pi_old || pi) exceeds it. One epoch of one minibatch,
+unstandardized, is actor_critic.py's A2C step. Continuous actions: a diagonal Gaussian (or gSDE). A resumed run starts
+its envs afresh. --num-seeds K and --learning-rate / --ent-coef grids train agents at once: stacked parameters, a
+vmap-ed update, one vector env of agents x num_envs envs, each shuffling with its own generator.
 
 Run: python ppo.py --env-id CartPole-v1     (python ppo.py --help for every flag)
 """
@@ -26,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import dataclasses
+import functools
 import importlib
 import io
 import json
@@ -33,6 +33,7 @@ import math
 import os
 import re
 import shlex
+import shutil
 import signal
 import sys
 import tempfile
@@ -40,7 +41,7 @@ import threading
 import time
 import warnings
 from collections import deque
-from typing import Literal, NamedTuple, Optional, Union, get_args, get_origin, get_type_hints
+from typing import Literal, NamedTuple, Optional, get_type_hints
 
 import gymnasium as gym
 import numpy as np
@@ -163,9 +164,8 @@ ARCHITECTURE = ("hidden_sizes", "shared_trunk", "gsde_every")  # flags that shap
 
 
 def make_env(env_id: str, num_envs: int) -> gym.vector.VectorEnv:
-    """A vector env: gymnasium's native numpy implementation where it has one (CartPole), else a SyncVectorEnv.
-    Autoreset is NEXT_STEP: the step after a done only resets that env (its action is ignored, reward 0). GuardedEnv
-    (below the marker) makes its failures one error line."""
+    """A vector env: gymnasium's native numpy one where it has one (CartPole), else a SyncVectorEnv; NEXT_STEP autoreset
+    (the step after a done only resets that env: its action ignored, reward 0); GuardedEnv: a failure is one line."""
     return GuardedEnv(gym.make_vec(env_id, num_envs=num_envs))
 
 
@@ -798,7 +798,7 @@ def save_checkpoint(path: str, checkpoint: dict) -> None:
     tmp = None
     try:
         fd, tmp = tempfile.mkstemp(prefix=".checkpoint-", dir=os.path.dirname(path))
-        os.fchmod(fd, 0o644)  # as a plain file would be (mkstemp makes it private)
+        getattr(os, "fchmod", lambda *_: None)(fd, 0o644)  # as a plain file would be (mkstemp makes it private)
         with os.fdopen(fd, "wb") as f:
             torch.save(checkpoint, f)
         os.replace(tmp, path)
@@ -837,19 +837,24 @@ def check_state(path: str, checkpoint: dict, fresh: tuple, num_generators: int) 
 
 
 def lock_run_dir(path: str) -> int:
-    """flock the run directory for the run's life (any exit frees it, kill -9 too); Refused if another holds it."""
-    import fcntl  # POSIX (imported here, so that the script imports on any system)
-    fd = os.open(path, os.O_RDONLY)
+    """Lock the run directory for the run's life (any exit frees it, kill -9 too); Refused if another holds it."""
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+        import fcntl  # (imported here, so that the script imports on any system)
+        fd, lock = os.open(path, os.O_RDONLY), lambda: fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except ImportError:  # Windows: msvcrt locks a byte of a file .lock in it; elsewhere a note says it is unlocked
+        fd, msvcrt = os.open(os.path.join(path, ".lock"), os.O_RDWR | os.O_CREAT), "msvcrt" in sys.builtin_module_names
+        lock = lambda: importlib.import_module("msvcrt").locking(fd, 2, 1) if msvcrt else say(  # 2: LK_NBLCK  # noqa
+            f"note: {path} is not locked: this system has neither fcntl nor msvcrt")
+    try:
+        lock()
+    except OSError:
         os.close(fd)
         raise Refused(f"run directory {path!r} is in use: another process holds its lock (a run is training "
-                          f"there); wait for it to end, or choose another --run-dir") from None
+                      f"there); wait for it to end, or choose another --run-dir") from None
     return fd
 
 
-class Run:
+class Run(contextlib.AbstractContextManager):  # (its __enter__ returns the Run)
     """A run's bookkeeping for train(): the agents (agent_grid) and their counters, the run directory, config.json, the
     CSV logs (rows tagged with the agent's seed, and its values in a grid), TensorBoard, the progress line, evaluations,
     and checkpoint.pt (at step 0, every --save-every steps, at the end, on a stop; read back by --resume)."""
@@ -866,12 +871,11 @@ class Run:
         n, self.interrupted, self.last_print = len(self.agents), 0, 0.0
         self.hyper = {k: torch.tensor([a[k] for a in self.agents], dtype=dtype, device=self.device)
                       for k, dtype in (("learning_rate", torch.float64), ("ent_coef", torch.float32))}
-        self.global_step = np.array(c.get("global_step", [0] * n), dtype=np.int64)
-        self.num_updates = np.array(c.get("num_updates", [0] * n), dtype=np.int64)
-        self.evaluated = np.array(c.get("evaluated", [-1] * n), dtype=np.int64)
+        self.global_step, self.num_updates, self.evaluated = (np.array(c.get(k, [v] * n), dtype=np.int64) for k, v in (
+            ("global_step", 0), ("num_updates", 0), ("evaluated", -1)))
         self.recent = [deque(r, maxlen=100) for r in c.get("recent_returns", [[]] * n)]
-        self.episodes = [{"global_step": [], "return": [], "length": []} for _ in self.agents]
-        self.evaluations = [[] for _ in self.agents]
+        self.episodes, self.evaluations = [{"global_step": [], "return": [], "length": []} for _ in self.agents], [
+            [] for _ in self.agents]
         self.wall_offset, self.start_time, self.start_step = c.get("wall_time", 0.0), time.time(), self.global_step
         self.run_dir = args.run_dir or c.get("run_dir") or new_run_dir(args)
         self.args_dict, self.path = dataclasses.asdict(args), os.path.join(self.run_dir, "checkpoint.pt")
@@ -892,6 +896,8 @@ class Run:
         self.names = [" ".join(f"{k} {v:g}" for k, v in tag.items()) for tag in self.tags]  # for messages
         self.files, self.writers, self.interactive = {}, {}, sys.stdout.isatty()
         for name in self.COLUMNS:  # resume: cut each file to the size the checkpoint logged (later rows come again)
+            if c and c["csv_sizes"][name] and not os.path.samefile(self.run_dir, c["run_dir"]):  # resumed elsewhere
+                shutil.copyfile(os.path.join(c["run_dir"], name), os.path.join(self.run_dir, name))  # its logs so far
             self.files[name] = open(os.path.join(self.run_dir, name), "a+", newline="")
             self.files[name].truncate(c["csv_sizes"][name] if c else 0)  # a fresh run over a dead one's: emptied
         writer = args.tensorboard and importlib.import_module("torch.utils.tensorboard").SummaryWriter
@@ -930,9 +936,11 @@ class Run:
             f.seek(0)
             header = next(csv.reader(f), None) or ["seed", "global_step", *self.COLUMNS[name], *[
                 k for k in values if k not in self.COLUMNS[name]], *list(self.tags[agent])[1:]]
+            if missing := [k for k in values if k not in header]:  # resumed by code that logs more: never dropped
+                raise Refused(f"{f.name} has no column {', '.join(missing)}: the run began without it; start a new run")
             if f.seek(0, os.SEEK_END) == 0:
                 csv.writer(f).writerow(header)
-            self.writers[name] = csv.DictWriter(f, header, restval="", extrasaction="ignore")
+            self.writers[name] = csv.DictWriter(f, header, restval="")
         row = {**self.tags[agent], "global_step": step, **values}
         self.writers[name].writerow({k: f"{v:.6g}" if isinstance(v, float) else v for k, v in row.items()})
         for k, v in values.items() if self.tb else ():  # CleanRL's tags
@@ -1038,9 +1046,6 @@ class Run:
         self.last_good = self.snapshot()
         save_checkpoint(self.path, self.last_good)
 
-    def __enter__(self) -> "Run":
-        return self
-
     def __exit__(self, kind, error, traceback) -> bool:
         """On Ctrl-C, SIGTERM, SIGHUP (interrupted: the signal) or RunFailed: save the last completed update's state."""
         if isinstance(error, (KeyboardInterrupt, RunFailed)):
@@ -1069,11 +1074,9 @@ class Run:
         for tb in self.tb:
             tb.close()
         os.close(self.lock)
-        good = self.last_good
-        return {"agents": self.agents, "episodes": self.episodes, "evaluations": self.evaluations,
-                "params": [agent_slice(good["params"], i) for i in range(len(self.agents))], "run_dir": self.run_dir,
-                "global_step": good["global_step"], "recent_returns": good["recent_returns"],
-                "interrupted": self.interrupted}
+        return {**{k: getattr(self, k) for k in ("agents", "episodes", "evaluations", "run_dir", "interrupted")},
+                "params": [agent_slice(self.last_good["params"], i) for i in range(len(self.agents))],
+                **{k: self.last_good[k] for k in ("global_step", "recent_returns")}}
 
 
 def new_run_dir(args: Args) -> str:
@@ -1125,7 +1128,8 @@ def check_env(env_id: str, envs: gym.vector.VectorEnv) -> None:
     with warnings.catch_warnings():  # gymnasium's env checker warns about it too: the error line says it once
         warnings.simplefilter("ignore")
         try:  # one reset and one step (GuardedEnv checks what they return): before any work
-            envs.reset(seed=0)
+            if np.shape(obs := envs.reset(seed=0)[0]) != (envs.num_envs, *observation_space.shape):
+                raise RunFailed(f"reset() returned observations of shape {np.shape(obs)}")
             envs.step(envs.action_space.sample())
         except RunFailed as e:  # e.g. a vector env that cannot stack what its envs' reset returned
             raise ValueError(f"env {env_id!r}: {e}; its observation space is {observation_space}; allowed: an env "
@@ -1137,19 +1141,18 @@ def validate(args: Args) -> None:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA device is available; allowed here: cpu, auto")
     try:
-        envs = make_env(args.env_id, 1)
+        envs = probe_env(args.env_id)
     except Exception as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ValueError(f"--env-id {args.env_id!r}: cannot make this environment ({reason}); "
                          f"allowed: a registered gymnasium id such as CartPole-v1, or module:EnvId") from None
     check_env(args.env_id, envs)
-    envs.close()
     space, obs_dim, agents = envs.single_action_space, envs.single_observation_space.shape[0], len(agent_grid(args))
     sizes = [obs_dim, *args.hidden_sizes, space.shape[0] if isinstance(space, gym.spaces.Box) else int(space.n)]
     weights = sum(a * b + b for a, b in zip(sizes[:-1], sizes[1:]))  # of one network: params, Adam, gradients x 2
     need = 4 * agents * (10 * weights + args.num_envs * (args.num_steps + envs.spec.max_episode_steps)
                          * (2 * sizes[0] + 3 * sizes[-1] + 8))
-    have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else math.inf
     if (many := agents * max(args.num_envs, args.eval_episodes)) > 10**5 or need > have / 2:
         raise ValueError(f"--num-envs {args.num_envs} --num-steps {args.num_steps} --eval-episodes {args.eval_episodes}"
                          f" {flag_text('hidden_sizes', args.hidden_sizes)} for {agents} agent(s): about "
@@ -1211,7 +1214,7 @@ def flag_text(field: str, value) -> str:
     flag = field.replace("_", "-")
     if isinstance(value, bool):
         return f"--{flag}" if value else f"--no-{flag}"
-    return f"--{flag} {' '.join(map(str, value)) if isinstance(value, (tuple, list)) else value}"
+    return shlex.join([f"--{flag}", *map(str, value if isinstance(value, (tuple, list)) else [value])])
 
 
 def resume_command(args: Args, run_dir: str) -> str:
@@ -1226,11 +1229,13 @@ def program() -> str:
     return f"python {shlex.quote(sys.argv[0])}" if sys.argv[0].endswith(".py") else os.path.basename(sys.argv[0])
 
 
+probe_env = functools.lru_cache(maxsize=1)(lambda env_id: make_env(env_id, 1))  # start-up's: defaults, validate
+
+
 def env_defaults(env_id: str) -> dict:
     """An env's defaults: CONTINUOUS_DEFAULTS for a Box action space (none if it cannot be made), ENV_DEFAULTS."""
     try:
-        with contextlib.closing(make_env(env_id, 1)) as envs:
-            continuous = isinstance(envs.single_action_space, gym.spaces.Box)
+        continuous = isinstance(probe_env(env_id).single_action_space, gym.spaces.Box)
     except Exception:
         continuous = False
     return {**(CONTINUOUS_DEFAULTS if continuous else {}), **ENV_DEFAULTS.get(env_id, {})}
@@ -1241,42 +1246,48 @@ def defaults_taken(args: Args) -> list[str]:
     return [flag_text(k, v) for k, v in env_defaults(args.env_id).items() if getattr(args, k) == v]
 
 
-def parse_args(default: Optional[Args] = None, argv: Optional[list[str]] = None) -> Args:
-    """tyro.cli over argv, the defaults `default` or the env's; tyro's error box becomes one `error:` line, exit 2."""
-    captured, table = io.StringIO(), {"continuous actions": CONTINUOUS_DEFAULTS, **ENV_DEFAULTS}
+def parse_args(default: Optional[Args] = None, argv: Optional[list[str]] = None, context: str = "") -> Args:
+    """tyro.cli over argv, the defaults `default` or the env's; what it refuses: one `error:` line of ours, exit 2."""
+    argv, table = sys.argv[1:] if argv is None else argv, {"continuous actions": CONTINUOUS_DEFAULTS, **ENV_DEFAULTS}
     description = "\n\n".join([__doc__.split("\n\n")[0], "Defaults by env (flags given win): " + "; ".join(
         f"{env}: {' '.join(flag_text(k, v) for k, v in d.items())}" for env, d in table.items())])
+    def parse(words: list[str]) -> Args:  # tyro's error boxes go nowhere: refused() says what was wrong in one line
+        with contextlib.redirect_stderr(io.StringIO()):
+            return tyro.cli(Args, args=words, default=default, prog=program(), description=description)
+
+    post_init, Args.__post_init__ = Args.__post_init__, lambda self: None  # run below: tyro boxes a ValueError
     try:
-        with contextlib.redirect_stderr(captured):
-            args = tyro.cli(Args, args=argv, default=default, prog=program(), description=description)
+        args = parse(argv)
+        post_init(args)  # check_args's ValueError
     except BrokenPipeError:  # --help | head: the reader has gone, end quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(0)
-    except SystemExit as e:
-        if e.code not in (0, None):
-            text = re.sub(r"\x1b\[[0-9;]*m", "", captured.getvalue())  # the box's first paragraph, on one line
-            lines = [line.strip("│ ") for line in text.splitlines()[1:]]
-            end = next((i for i, line in enumerate(lines) if not line or set(line) <= set("─╰╯")), len(lines))
-            title = (re.findall(r"╭─+ (.*?) ─", text) or ["invalid command line"])[0]
-            message = re.sub(r"^Error parsing \w+: ", "", " ".join(lines[:end])) or title
-            if title not in ("Value error", message) and not message.lower().startswith(title.lower()):
-                message = f"{title}: {message}"
-            print(f"error: {message} (--help lists every flag)", file=sys.stderr)
+    except (SystemExit, ValueError) as e:
+        if (code := 2 if isinstance(e, ValueError) else e.code) not in (0, None):
+            why = e if isinstance(e, ValueError) else refused(parse, argv)
+            print(f"error: {context}{why} (--help lists every flag)", file=sys.stderr)
         say("", end="")  # flush: a reader gone (--help | head) ends it quietly
-        raise
-    sys.stderr.write(captured.getvalue())
+        sys.exit(code)
+    finally:
+        Args.__post_init__ = post_init
     defaults = env_defaults(args.env_id) if default is None else {}
     return parse_args(dataclasses.replace(Args(), **defaults), argv) if defaults else args
 
 
-def fits(value, hint) -> bool:
-    """Whether a value read from a checkpoint has the type of an Args field (an int is a float too)."""
-    origin, inner = get_origin(hint), get_args(hint)
-    if origin is Union or origin is Literal:
-        return any(fits(value, h) for h in inner) if origin is Union else value in inner
-    if origin is tuple:
-        return isinstance(value, (list, tuple)) and all(fits(v, inner[0]) for v in value)
-    return type(value) in ((int, float) if hint is float else (hint,))
+def refused(parse, argv: list[str]) -> str:
+    """What tyro refused in argv (not read from its box): the first flag that parse refuses alone, what it allows."""
+    hints = {f"--{no}{k.replace('_', '-')}": h for k, h in get_type_hints(Args).items()
+             for no in ["", "no-"][:1 + (h is bool)]}  # a bool is --flag or --no-flag
+    words = [w for word in argv for w in (word.split("=", 1) if word.startswith("--") else [word])]
+    starts = [i for i, word in enumerate(words) if re.match(r"-(-|[^\d.])", word)]  # flags: not -1, -.5
+    for group in (words[i:j] for i, j in zip([0, *starts], [*starts, len(words)]) if i < j):
+        try:
+            parse(group)
+        except SystemExit:
+            hint = hints.get(group[0].replace("_", "-"))
+            kind = "no value" if hint is bool else re.sub(r"<class '(\w+)'>", r"\1", str(hint)).replace("typing.", "")
+            return f"{' '.join(group)}: {'no such flag' if hint is None else 'allowed: ' + kind}"
+    return f"{shlex.join(argv)}: invalid command line"
 
 
 def command_line() -> Args:
@@ -1288,17 +1299,9 @@ def command_line() -> Args:
             if ":" in str(saved.get("env_id")) and saved["env_id"] != args.env_id:  # import only what the user typed
                 raise ValueError(f"--resume {args.resume!r}: the checkpoint's env {saved['env_id']!r} imports a "
                                  f"module; allowed: repeat --env-id {saved['env_id']} on the command line to run it")
-            hints = get_type_hints(Args)
-            wrong = next((k for k, v in saved.items() if k in hints and not fits(v, hints[k])), None)
-            if wrong:
-                kind = re.sub(r"<class '(\w+)'>", r"\1", str(hints[wrong])).replace("typing.", "")
-                raise ValueError(f"--resume {args.resume!r}: damaged checkpoint: its {wrong} is {saved[wrong]!r}, "
-                                 f"not of type {kind}")
-            try:
-                defaults = Args(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items() if k in hints})
-            except ValueError as e:
-                raise ValueError(f"--resume {args.resume!r}: damaged checkpoint: {e}") from None
-            args = parse_args(default=dataclasses.replace(defaults, resume=args.resume, run_dir=None))
+            words = [w for k, v in saved.items() if k in Args.__dataclass_fields__ and k not in ("resume", "run_dir")
+                     for w in shlex.split(flag_text(k, v))]  # the checkpoint's flags, then the user's: the last wins
+            args = parse_args(argv=[*words, *sys.argv[1:]], context=f"--resume {args.resume!r}: its flags, yours: ")
         validate(args)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -1321,15 +1324,12 @@ def run_command_line(train) -> None:
     except KeyboardInterrupt as e:  # a stop before training began (after it, the run saves and returns "interrupted")
         say("\n" * sys.stdout.isatty() + "interrupted during start-up, before the first update (nothing was trained)")
         sys.exit(128 + int(e.args[0] if isinstance(e, Preempted) else signal.SIGINT))
-    except Refused as e:  # since validate looked, another process took the directory; a state that does not fit
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except (RunFailed, OSError) as e:  # OSError: the run directory could not be written (a full disk)
-        if os.environ.get("FUNCPG_DEBUG"):
-            raise
+    except (Refused, RunFailed, OSError) as e:  # Refused (exit 2): since validate looked, another process took the
+        if os.environ.get("FUNCPG_DEBUG") and not isinstance(e, Refused):  # directory, a state does not fit; OSError:
+            raise  # the run directory could not be written (a full disk)
         say("\n" * sys.stdout.isatty(), end="")  # end the progress line
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+        sys.exit(2 if isinstance(e, Refused) else 1)
     returns = result["recent_returns"]
     means = [np.mean(r) for r in returns if r]  # agents with a finished episode
     if not means:

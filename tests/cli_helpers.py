@@ -278,6 +278,33 @@ TESTENVS = textwrap.dedent('''
             return (obs, np.array([reward, reward]), *rest)
 
 
+    class Counted(Tiny):
+        """Each construction appends a line to the file TESTENV_COUNT: how many envs a run makes."""
+
+        def __init__(self):
+            with open(os.environ["TESTENV_COUNT"], "a") as f:
+                f.write("made\\n")
+
+
+    class WrongShapeVector(gym.vector.VectorEnv):
+        """A native vector env (no SyncVectorEnv to stack, and raise) whose observations have 4 numbers, not 3."""
+
+        metadata = {"autoreset_mode": gym.vector.AutoresetMode.NEXT_STEP}
+
+        def __init__(self, num_envs=1, **kwargs):
+            self.num_envs, self.single_action_space = num_envs, spaces.Discrete(2)
+            self.single_observation_space = spaces.Box(-1.0, 1.0, (3,), np.float32)
+            self.observation_space = gym.vector.utils.batch_space(self.single_observation_space, num_envs)
+            self.action_space = gym.vector.utils.batch_space(self.single_action_space, num_envs)
+
+        def reset(self, *, seed=None, options=None):
+            return np.zeros((self.num_envs, 4), np.float32), {}
+
+        def step(self, actions):
+            n = self.num_envs
+            return np.zeros((n, 4), np.float32), np.ones(n), np.zeros(n, bool), np.zeros(n, bool), {}
+
+
     def _same_step_vector_env(num_envs=1, **kwargs):
         return gym.vector.SyncVectorEnv([Tiny for _ in range(num_envs)],
                                         autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
@@ -294,6 +321,8 @@ TESTENVS = textwrap.dedent('''
     gym.register("CtrlCOnMake-v0", entry_point=CtrlCOnMake, max_episode_steps=50)
     gym.register("FailsLater-v0", entry_point=FailsLater, max_episode_steps=50)
     gym.register("VectorReward-v0", entry_point=VectorReward, max_episode_steps=50)
+    gym.register("Counted-v0", entry_point=Counted, max_episode_steps=50)
+    gym.register("WrongShapeVector-v0", entry_point=Tiny, vector_entry_point=WrongShapeVector, max_episode_steps=50)
     gym.register("SameStepAutoreset-v0", entry_point=Tiny, vector_entry_point=_same_step_vector_env,
                  max_episode_steps=50)
 ''')
