@@ -98,12 +98,16 @@ def test_a_new_metric_is_one_edit_and_a_new_column(tmp_path, monkeypatch, script
 
 
 def readme_defaults() -> list[tuple[str, str, list[str], list[str]]]:
-    """(env, script, command's flags, defaults it takes) of every row in the README's "Defaults per env" table."""
+    """(env, script, command's flags, defaults it takes) of every row in the README's "Defaults per env" table. A row
+    whose env and command cells are empty continues the defaults of the row above it (long lists wrap that way)."""
     text = (REPO / "README.md").read_text()
     section = text.split("### Defaults per env", 1)[1].split("\n#", 1)[0]
     rows = []
     for line in section.splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) >= 3 and rows and not cells[0] and not cells[1] and cells[2].startswith("`"):
+            rows[-1][3].extend(cells[2].strip("`").split())
+            continue
         if len(cells) < 3 or not cells[1].startswith("`"):
             continue
         words = cells[1].strip("`").split()
