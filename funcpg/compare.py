@@ -3,7 +3,8 @@ and write learning curves, a summary table with rliable-style statistics, and pe
 
     python funcpg/compare.py --env-id CartPole-v1 --num-seeds 10 --total-timesteps 300000
     python funcpg/compare.py --algos reinforce actor_critic --algo-args "actor_critic:--gae-lambda 0.95"
-    python funcpg/compare.py --from runs/CartPole-v1__reinforce__1__1763700000 runs/CartPole-v1__actor_critic__1__1763700000
+    python funcpg/compare.py --from runs/CartPole-v1__reinforce__1__1763700000 \\
+        runs/CartPole-v1__actor_critic__1__1763700000
     python funcpg/compare.py --from runs/compare__CartPole-v1__1763700000 --band ci     # redraw an earlier comparison
     python funcpg/compare.py --env-id CartPole-v1 Acrobot-v1 --ray-address auto --seeds-per-task 5
     python funcpg/compare.py --env-id Pendulum-v1 --algos actor_critic sb3_a2c --num-seeds 10 --total-timesteps 1000000
@@ -11,11 +12,14 @@ and write learning curves, a summary table with rliable-style statistics, and pe
 Training: each (algorithm, env, seed group) is one run of funcpg/{algo}.py (its seeds vmapped in one process,
 --num-seeds), writing its normal run directory runs/{env_id}__{algo}__{first seed}__{unix_time}. Locally the runs
 go in parallel processes, as many at once as the machine has cores (divided by --cpus-per-task); with
---ray-address each is a Ray task (num_cpus = --cpus-per-task) that ships the script's source to a worker, runs it
-there and sends the run directory's files back. A run that fails is reported with its algorithm, env and seeds,
-and the others are still compared (exit status 1). A SIGINT (Ctrl-C), SIGTERM or SIGHUP is passed on to the
-training processes (Ray: their tasks are cancelled); compare.py waits for them and exits 128 + the signal, writing
-no comparison. A Ray cluster that does not answer within RAY_CONNECT_TIMEOUT (60 s) is an error.
+--ray-address each is a Ray task (num_cpus = --cpus-per-task, scheduling strategy SPREAD: over the cluster's nodes,
+never more at once on a node than its CPUs allow) that ships the script's source to a worker, runs it there and
+sends the run directory's files back. Each run's node (Ray's node id, its IP address and host name; "local" for a
+run on this machine without Ray) is printed as it ends and recorded in seeds.csv, summary.md and compare.json. A
+run that fails is reported with its algorithm, env and seeds, and the others are still compared (exit status 1). A
+SIGINT (Ctrl-C), SIGTERM or SIGHUP is passed on to the training processes (Ray: their tasks are cancelled);
+compare.py waits for them and exits 128 + the signal, writing no comparison. A Ray cluster that does not answer
+within RAY_CONNECT_TIMEOUT (60 s) is an error.
 
 Stable-Baselines3 A2C and PPO beside them: --algos ... sb3_a2c sb3_ppo (not in the default --algos; needs
 stable-baselines3: pip install 'funcpg[bench]') runs funcpg/sb3_reference.py (--algo a2c / ppo) in its run mode on the
@@ -44,8 +48,9 @@ Curves: each seed's mean return over its last 100 (or, early on, fewer) finished
 200 points; the line is the mean over seeds, drawn where every seed has finished an episode and has not yet ended.
 
 Writes runs/compare__{env_id}__{unix_time}/ (or --out): curves.png (vs env steps), curves_wall.png (vs wall
-seconds), summary.md, summary.csv, seeds.csv (one row per seed), curves.csv (the per-seed curves on the step
-grid) and compare.json (the command, the run directories and any failures; --from accepts this directory).
+seconds), summary.md, summary.csv, seeds.csv (one row per seed, with the node its run ran on), curves.csv (the
+per-seed curves on the step grid) and compare.json (the command, the run directories, the node each ran on and any
+failures; --from accepts this directory, and keeps its nodes).
 """
 
 from __future__ import annotations
@@ -77,7 +82,6 @@ import tyro
 HERE = os.path.dirname(os.path.abspath(__file__))
 if HERE not in sys.path:  # the tools import each other and the scripts as the standalone files they are
     sys.path.insert(0, HERE)
-import benchmark  # noqa: E402
 import tools_common  # noqa: E402
 from tools_common import unused_path  # noqa: E402
 
@@ -231,9 +235,11 @@ def config_flag(key: str) -> str:
     return "--" + key.replace("_", "-")
 
 
-def expand_from(paths: tuple[str, ...]) -> list[str]:
+def expand_from(paths: tuple[str, ...], nodes: Optional[dict[str, Node]] = None) -> list[str]:
     """--from's paths, with every comparison directory (one holding compare.json) replaced by its runs; ValueError
-    naming the comparison directory for an unreadable compare.json or a run it lists that is not there."""
+    naming the comparison directory for an unreadable compare.json or a run it lists that is not there. With
+    `nodes`, the node each of a comparison's runs ran on (its compare.json's nodes) is added to it by run directory
+    (a run given as a directory, or listed by a comparison that recorded no node for it, has none)."""
     out = []
     for path in paths:
         if (os.path.isdir(path) and os.path.lexists(os.path.join(path, "compare.json"))
@@ -251,6 +257,9 @@ def expand_from(paths: tuple[str, ...]) -> list[str]:
                     raise ValueError(f"--from {path!r}: its compare.json lists the run directory {run!r}, which is "
                                      f"not there ({run_dir!r}); allowed: a comparison directory beside its runs")
                 out.append(run_dir)
+                recorded = manifest.get("nodes")
+                if nodes is not None and isinstance(recorded, dict) and isinstance(recorded.get(run), dict):
+                    nodes[run_dir] = Node.from_json(recorded[run])
         else:
             out.append(path)
     return out
@@ -466,7 +475,8 @@ def load_agents(paths: list[str]) -> list[Agent]:
                                  f"ent-coef {a.ent_coef:g}) is in both {seen[key]!r} and {a.run_dir!r}; allowed: "
                                  f"each agent once")
             seen[key] = a.run_dir
-            a.label += (f" lr={a.learning_rate:g}" if several_lrs else "") + (f" ent={a.ent_coef:g}" if several_ents else "")
+            a.label += ((f" lr={a.learning_rate:g}" if several_lrs else "")
+                        + (f" ent={a.ent_coef:g}" if several_ents else ""))
             out.append(a)
     return out
 
@@ -502,6 +512,8 @@ def summarize(agents: list[Agent], threshold: Optional[float], seed: int) -> dic
                median_steps_to_threshold=float(np.median([h[0] for h in hits])) if hits else "",
                median_seconds_to_threshold=float(np.median([h[1] for h in hits])) if hits else "",
                median_final_step=float(np.median([a.final_step for a in agents])))
+    import benchmark  # (here, not at the top: it imports torch, seconds that a refused command line need not wait)
+
     steps = seconds = 0.0
     for run_dir in dict.fromkeys(a.run_dir for a in agents):
         updates = os.path.join(run_dir, "updates.csv")
@@ -566,7 +578,8 @@ def curve_band(curves: np.ndarray, band: Literal["std", "ci"], seed: int):
             spread = values.std(axis=0, ddof=1) if len(values) > 1 else np.zeros(values.shape[1])
             low[complete], high[complete] = center[complete] - spread, center[complete] + spread
         else:
-            low[complete], high[complete] = percentile_interval(stratified_bootstrap([values], np.mean, BAND_REPS, seed))
+            low[complete], high[complete] = percentile_interval(
+                stratified_bootstrap([values], np.mean, BAND_REPS, seed))
     return center, low, high
 
 
@@ -588,7 +601,8 @@ def plot(variants: dict, thresholds: dict, band: str, clock: Literal["steps", "w
             ax.plot(grid, center, color=colors[label], label=f"{label} ({len(agents)} seeds)", linewidth=1.8)
             ax.fill_between(grid, low, high, color=colors[label], alpha=0.2, linewidth=0)
         if thresholds.get(env) is not None:
-            ax.axhline(thresholds[env], color="0.4", linestyle="--", linewidth=1, label=f"threshold {thresholds[env]:g}")
+            ax.axhline(thresholds[env], color="0.4", linestyle="--", linewidth=1,
+                       label=f"threshold {thresholds[env]:g}")
         counts = sorted({len(agents) for agents in members.values()})
         seeds = f"{counts[0]}" if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
         ax.set_title(f"{env}, {seeds} seeds per curve")
@@ -620,8 +634,10 @@ def write_csv(path: str, columns: list[str], rows: list[dict]) -> None:
 
 
 def write_outputs(out_dir: str, agents: list[Agent], thresholds: dict, args: CompareArgs, failures: list[str],
-                  run_dirs: list[str]) -> list[dict]:
-    """Every file of the comparison directory; returns the summary rows."""
+                  run_dirs: list[str], nodes: Optional[dict[str, Node]] = None) -> list[dict]:
+    """Every file of the comparison directory; returns the summary rows. nodes: run directory -> the node it ran on
+    (the runs it lacks have an empty node in seeds.csv, and none in compare.json)."""
+    nodes = nodes or {}
     os.makedirs(out_dir, exist_ok=True)
     variants = by_variant(agents)
     rows = [summarize(members, thresholds.get(env), args.seed) for (env, _), members in variants.items()]
@@ -633,7 +649,7 @@ def write_outputs(out_dir: str, agents: list[Agent], thresholds: dict, args: Com
                           "ent_coef": a.ent_coef, "final_return": a.final_return(),
                           "episodes": len(a.returns), "final_step": a.final_step,
                           "steps_to_threshold": hit[0] if hit else "", "seconds_to_threshold": hit[1] if hit else "",
-                          "run_dir": a.run_dir})
+                          "run_dir": a.run_dir, **nodes.get(a.run_dir, Node()).to_json()})
     write_csv(os.path.join(out_dir, "seeds.csv"), list(seed_rows[0]), seed_rows)
     curve_rows = []
     for env in dict.fromkeys(a.env_id for a in agents):
@@ -641,7 +657,8 @@ def write_outputs(out_dir: str, agents: list[Agent], thresholds: dict, args: Com
         grid = curve_grid(members, "steps")
         for a in members:
             curve_rows += [{"algorithm": a.label, "env_id": env, "seed": a.seed, "global_step": int(round(x)),
-                            "recent_return": "" if np.isnan(y) else float(y)} for x, y in zip(grid, a.curve(grid, "steps"))]
+                            "recent_return": "" if np.isnan(y) else float(y)}
+                           for x, y in zip(grid, a.curve(grid, "steps"))]
     write_csv(os.path.join(out_dir, "curves.csv"), list(curve_rows[0]), curve_rows)
     plot(variants, thresholds, args.band, "steps", args.seed, os.path.join(out_dir, "curves.png"))
     plot(variants, thresholds, args.band, "wall", args.seed, os.path.join(out_dir, "curves_wall.png"))
@@ -649,22 +666,25 @@ def write_outputs(out_dir: str, agents: list[Agent], thresholds: dict, args: Com
     envs = ", ".join(dict.fromkeys(a.env_id for a in agents))
     lines = [f"# Comparison: {envs}", "", f"`{shlex.join(['python', 'funcpg/compare.py', *sys.argv[1:]])}`", "",
              markdown_table(cells), "",
-             f"- every seed is judged at its run's budget (--total-timesteps); its episodes past it are left out",
+             "- every seed is judged at its run's budget (--total-timesteps); its episodes past it are left out",
              f"- final return: each seed's mean return over its last {WINDOW} training episodes; mean ± std (ddof 1) "
              f"over seeds, and the interquartile mean with a {CONFIDENCE:.0%} percentile CI from {BOOTSTRAP_REPS:,} "
              f"stratified bootstrap resamples of the seeds (rliable's method)",
              f"- steps / seconds to threshold: median over the seeds whose mean of their last {WINDOW} training "
              f"returns reached the threshold (reached: how many did); seconds on each run's own training clock",
              "- steps/s: env steps of all the runs' agents over their processes' training seconds",
-             "", "![learning curves vs env steps](curves.png)", "", "![learning curves vs wall seconds](curves_wall.png)"]
+             "", "![learning curves vs env steps](curves.png)", "",
+             "![learning curves vs wall seconds](curves_wall.png)"]
     if failures:
         lines += ["", "## Failed runs (not in the table)", ""] + [f"- {f}" for f in failures]
-    lines += ["", "## Run directories", ""] + [f"- `{d}`" for d in run_dirs]
+    lines += ["", "## Run directories", ""] + [f"- `{d}`" + (f" ({nodes[d].describe()})" if d in nodes else "")
+                                               for d in run_dirs]
     with open(os.path.join(out_dir, "summary.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     with open(os.path.join(out_dir, "compare.json"), "w") as f:
         json.dump({"command": sys.argv, "args": dataclasses.asdict(args), "thresholds": thresholds,
-                   "runs": [os.path.relpath(d, out_dir) for d in run_dirs], "failures": failures}, f, indent=2)
+                   "runs": [os.path.relpath(d, out_dir) for d in run_dirs], "failures": failures,
+                   "nodes": {os.path.relpath(d, out_dir): node.to_json() for d, node in nodes.items()}}, f, indent=2)
     print(format_table(cells))
     return rows
 
@@ -766,7 +786,12 @@ def run_process(script: str, argv: list[str], processes: Optional[Processes] = N
 def ray_task(algo: str, source: str, argv: list[str], helpers: Optional[dict[str, str]] = None) -> dict:
     """A training process on a Ray worker: the script's source is written to a temporary folder (with helpers,
     file name -> source, beside it: the modules a reference's script imports) and run there with its run directory
-    inside it; returns its exit status, last stderr line, seconds, host and the run directory's files."""
+    inside it; returns its exit status, last stderr line, seconds, node (the Ray node it ran on: Node's fields) and
+    the run directory's files."""
+    import ray  # (a Ray worker's: the node it runs on)
+
+    node = {"node_id": ray.get_runtime_context().get_node_id(), "node_ip": ray.util.get_node_ip_address(),
+            "host": socket.gethostname()}
     with tempfile.TemporaryDirectory(prefix="funcpg_") as tmp:
         script, run_dir = os.path.join(tmp, f"{algo}.py"), os.path.join(tmp, "run")
         for name, text in {**(helpers or {}), f"{algo}.py": source}.items():
@@ -780,7 +805,7 @@ def ray_task(algo: str, source: str, argv: list[str], helpers: Optional[dict[str
             for name in names:
                 with open(os.path.join(root, name), "rb") as f:
                     files[os.path.relpath(os.path.join(root, name), run_dir)] = f.read()
-    return {"returncode": code, "message": message, "seconds": seconds, "host": socket.gethostname(), "files": files}
+    return {"returncode": code, "message": message, "seconds": seconds, "node": node, "files": files}
 
 
 def unpack_run(job: Job, files: dict[str, bytes]) -> None:
@@ -796,12 +821,43 @@ def unpack_run(job: Job, files: dict[str, bytes]) -> None:
             f.write(data)
 
 
+class Node(NamedTuple):
+    """Where a training run ran: the Ray node's id (hex, the NodeID of ray.nodes()) and IP address, and the host's
+    name. A run on this machine without Ray: node_id "local" (ip ""); unknown (a Ray task
+    lost with its worker, a run given to --from as a directory): all "". Several nodes may share a host and IP
+    (e.g. a test cluster on one machine): node_id tells them apart."""
+    node_id: str = ""
+    ip: str = ""
+    host: str = ""
+
+    def to_json(self) -> dict[str, str]:
+        """Its fields as seeds.csv's columns and compare.json's entries name them."""
+        return {"node_id": self.node_id, "node_ip": self.ip, "host": self.host}
+
+    @classmethod
+    def from_json(cls, entry: dict) -> "Node":
+        return cls(*(str(entry.get(key) or "") for key in ("node_id", "node_ip", "host")))
+
+    def describe(self) -> str:
+        """Where it ran, in a few words: "local, host HOST", "Ray node ID… at IP, host HOST" (the node id's first
+        12 hex digits) or "an unknown node"."""
+        if self.node_id == "local":
+            return f"local, host {self.host}"
+        if not self.node_id:
+            return "an unknown node"
+        return f"Ray node {self.node_id[:12]}… at {self.ip}, host {self.host}"
+
+
+def local_node() -> Node:
+    return Node("local", "", socket.gethostname())
+
+
 class Outcome(NamedTuple):
     job: Job
     returncode: int
     message: str  # the script's last stderr line (its error) or the Ray error
     seconds: float  # wall seconds of the script's process
-    where: str  # the host it ran on (Ray), or "local"
+    node: Node  # where it ran
 
 
 def script_of(algo: str) -> str:
@@ -816,7 +872,7 @@ def run_local(jobs: list[Job], cpus_per_task: int, processes: Processes) -> Iter
         start = time.perf_counter()
         script = os.path.join(HERE, f"{script_of(job.algo)}.py")
         code, message = run_process(script, [*job.argv, "--run-dir", job.run_dir], processes)
-        return Outcome(job, code, message, time.perf_counter() - start, "local")
+        return Outcome(job, code, message, time.perf_counter() - start, local_node())
 
     pool = concurrent.futures.ThreadPoolExecutor(max(1, (os.cpu_count() or 1) // cpus_per_task))
     try:
@@ -891,8 +947,15 @@ def connect_ray(address: str, cpus_per_task: int):
 def run_ray(ray, jobs: list[Job], cpus_per_task: int) -> Iterator[Outcome]:
     """The jobs as Ray tasks (num_cpus = cpus_per_task); outcomes in the order they finish, each run directory
     written to job.run_dir on this machine. A task's script failing is an outcome, not retried; a lost worker is
-    retried by Ray's defaults."""
-    remote = ray.remote(num_cpus=cpus_per_task)(ray_task)
+    retried by Ray's defaults.
+
+    Scheduling: SPREAD, so that the tasks go round the nodes that have cpus_per_task CPUs free (best effort), where
+    Ray's default, hybrid strategy keeps them on the node this driver is connected to until it is busy past a
+    threshold (scheduler_spread_threshold) before it uses another: a comparison of fewer runs than the cluster has
+    CPUs gets the nodes' CPUs evenly, so that its runs contend for no more of a node's memory bandwidth and caches
+    than they must, which its steps/s and seconds to threshold would measure. num_cpus still caps the runs a node
+    takes at once (its CPUs // cpus_per_task); the rest wait for a free one."""
+    remote = ray.remote(num_cpus=cpus_per_task, scheduling_strategy="SPREAD")(ray_task)
     sources = {}
     for job in jobs:
         if job.algo not in sources:
@@ -913,10 +976,11 @@ def run_ray(ray, jobs: list[Job], cpus_per_task: int) -> Iterator[Outcome]:
             except ray.exceptions.RayError as e:
                 lines = [line for line in str(e).splitlines() if line.strip()]
                 yield Outcome(job, 1, f"Ray task failed: {lines[-1].strip() if lines else type(e).__name__}",
-                              float("nan"), "Ray")
+                              float("nan"), Node())
                 continue
             unpack_run(job, result["files"])
-            yield Outcome(job, result["returncode"], result["message"], result["seconds"], result["host"])
+            yield Outcome(job, result["returncode"], result["message"], result["seconds"],
+                          Node.from_json(result["node"]))
     finally:
         for ref in pending:
             ray.cancel(ref, force=True)
@@ -1056,10 +1120,13 @@ def plan(args: CompareArgs, stamp: int) -> list[Job]:
     return jobs
 
 
-def record(outcome: Outcome, progress: str, finished: list[str], failures: list[str]) -> None:
-    """Print a training run's outcome, and add its run directory to `finished` or its failure to `failures`."""
+def record(outcome: Outcome, progress: str, finished: list[str], failures: list[str], nodes: dict[str, Node]) -> None:
+    """Print a training run's outcome, and add its run directory to `finished` or its failure to `failures`, and
+    where it ran to `nodes` (by run directory)."""
     job = outcome.job
-    where = "" if outcome.where == "local" else f" on {outcome.where}"
+    if outcome.node.node_id:
+        nodes[job.run_dir] = outcome.node
+    where = "" if outcome.node.node_id == "local" else f" on {outcome.node.describe()}"
     if outcome.returncode == 0:
         try:
             read_run_dir(job.run_dir)
@@ -1071,27 +1138,34 @@ def record(outcome: Outcome, progress: str, finished: list[str], failures: list[
         print(f"{progress} done: {job.name()} ({outcome.seconds:.0f} s{where}) -> {job.run_dir}")
     else:
         failures.append(f"{job.name()}: exit status {outcome.returncode}: {outcome.message or '(no message)'}"
-                        + (f" (run directory {job.run_dir})" if os.path.isdir(job.run_dir) else ""))
+                        + (f" (run directory {job.run_dir})" if os.path.isdir(job.run_dir) else "") + where)
         print(f"{progress} FAILED: {failures[-1]}", file=sys.stderr)
 
 
-def train(args: CompareArgs, jobs: list[Job], ray) -> tuple[list[str], list[str], Optional[int]]:
-    """Run the jobs; (run directories of the runs that finished, failure messages, the signal that interrupted them
-    or None). A SIGINT (Ctrl-C), SIGTERM or SIGHUP is sent on to the running scripts (a Ctrl-C makes them save a
-    checkpoint and exit), jobs not yet started are skipped, and it returns once they have ended (Ray: cancelled)."""
-    finished, failures = [], []
+def train(args: CompareArgs, jobs: list[Job], ray) -> tuple[list[str], list[str], dict[str, Node], Optional[int]]:
+    """Run the jobs; (run directories of the runs that finished, failure messages, run directory -> the node it ran
+    on, the signal that interrupted them or None). A SIGINT (Ctrl-C), SIGTERM or SIGHUP is sent on to the running
+    scripts (a Ctrl-C makes them save a checkpoint and exit), jobs not yet started are skipped, and it returns once
+    they have ended (Ray: cancelled)."""
+    finished, failures, nodes = [], [], {}
     processes = Processes()
     outcomes = run_ray(ray, jobs, args.cpus_per_task) if ray else run_local(jobs, args.cpus_per_task, processes)
-    print(f"training {len(jobs)} run{'s' if len(jobs) > 1 else ''} ({'Ray at ' + args.ray_address if ray else 'locally'}"
-          f"): {', '.join(args.algos)} on {', '.join(args.env_id)}, seeds {args.seed}-{args.seed + args.num_seeds - 1}")
+    if ray:
+        alive = [node for node in ray.nodes() if node.get("Alive")]
+        cpus = sum(node.get("Resources", {}).get("CPU", 0) for node in alive)
+        where = f"Ray at {args.ray_address}: {len(alive)} node{'s' if len(alive) != 1 else ''}, {cpus:g} CPUs"
+    else:
+        where = "locally"
+    print(f"training {len(jobs)} run{'s' if len(jobs) > 1 else ''} ({where}): {', '.join(args.algos)} on "
+          f"{', '.join(args.env_id)}, seeds {args.seed}-{args.seed + args.num_seeds - 1}")
     with forward_signals(processes) as received:
         try:
             for i, outcome in enumerate(outcomes, 1):
-                record(outcome, f"[{i}/{len(jobs)}]", finished, failures)
+                record(outcome, f"[{i}/{len(jobs)}]", finished, failures, nodes)
         except KeyboardInterrupt:
             outcomes.close()  # (inside the block: a second signal still reaches the scripts while they save)
-            return finished, failures, received[0] if received else signal.SIGINT
-    return [job.run_dir for job in jobs if job.run_dir in finished], failures, None  # in --algos order
+            return finished, failures, nodes, received[0] if received else signal.SIGINT
+    return [job.run_dir for job in jobs if job.run_dir in finished], failures, nodes, None  # in --algos order
 
 
 def main() -> None:
@@ -1106,8 +1180,9 @@ def main() -> None:
         if args.out and os.path.exists(args.out) and (not os.path.isdir(args.out) or os.listdir(args.out)):
             raise ValueError(f"--out {args.out!r} already exists and is not an empty directory; allowed: a new one")
         jobs = plan(args, stamp)
+        nodes: dict[str, Node] = {}
         if args.from_:
-            agents = load_agents(expand_from(args.from_))
+            agents = load_agents(expand_from(args.from_, nodes))
             envs = list(dict.fromkeys(a.env_id for a in agents))
             run_dirs, failures = list(dict.fromkeys(a.run_dir for a in agents)), []
         else:
@@ -1119,7 +1194,7 @@ def main() -> None:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     if not args.from_:
-        run_dirs, failures, interrupted = train(args, jobs, ray)
+        run_dirs, failures, nodes, interrupted = train(args, jobs, ray)
         if ray:
             ray.shutdown()
         if interrupted:
@@ -1134,7 +1209,7 @@ def main() -> None:
         agents = load_agents(run_dirs)
     name = "+".join(env.replace("/", "-").replace(":", "-") for env in envs)
     out_dir = args.out or unused_path(os.path.join("runs", f"compare__{name}__{stamp}"))
-    write_outputs(out_dir, agents, thresholds, args, failures, run_dirs)
+    write_outputs(out_dir, agents, thresholds, args, failures, run_dirs, nodes)
     print(f"written: {out_dir}")
     if failures:
         print(f"{len(failures)} run{'s' if len(failures) > 1 else ''} failed (listed above and in summary.md)",

@@ -28,9 +28,10 @@ needs_sb3 = pytest.mark.skipif(importlib.util.find_spec("stable_baselines3") is 
                                reason="needs stable-baselines3 (pip install 'funcpg[bench]')")
 
 
-def run_compare(args: list[str], cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+def run_compare(args: list[str], cwd: Path, env: dict | None = None,
+                timeout: float = 600) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(COMPARE), *args], cwd=cwd, capture_output=True, text=True,
-                          env={**os.environ, **(env or {})}, timeout=600)
+                          env={**os.environ, **(env or {})}, timeout=timeout)
 
 
 def png_size(path: Path) -> tuple[int, int]:
@@ -199,9 +200,12 @@ def test_from_fixture_run_directories_by_hand(tmp_path):
     # seeds in one run, twice as fast on the clock. Each seed's final return is its level (its last 100 episodes).
     reinforce_levels = {1: 500.0, 2: 200.0, 3: 50.0, 4: 400.0}
     a2c_levels = {1: 500.0, 2: 500.0, 3: 250.0, 4: 300.0, 5: 10.0}
-    runs = [write_run(tmp_path / "runs" / "r12", "reinforce", {(s,): step_returns(reinforce_levels[s]) for s in (1, 2)}),
-            write_run(tmp_path / "runs" / "r34", "reinforce", {(s,): step_returns(reinforce_levels[s]) for s in (3, 4)}),
-            write_run(tmp_path / "runs" / "a2c", "actor_critic", {(s,): step_returns(a2c_levels[s]) for s in a2c_levels},
+    runs = [write_run(tmp_path / "runs" / "r12", "reinforce",
+                      {(s,): step_returns(reinforce_levels[s]) for s in (1, 2)}),
+            write_run(tmp_path / "runs" / "r34", "reinforce",
+                      {(s,): step_returns(reinforce_levels[s]) for s in (3, 4)}),
+            write_run(tmp_path / "runs" / "a2c", "actor_critic",
+                      {(s,): step_returns(a2c_levels[s]) for s in a2c_levels},
                       seconds_per_episode=0.005)]
     r = run_compare(["--from", *map(str, runs), "--threshold", "100", "--out", "cmp"], cwd=tmp_path)
     assert r.returncode == 0, r.stderr
@@ -218,7 +222,8 @@ def test_from_fixture_run_directories_by_hand(tmp_path):
     assert float(rows["reinforce"]["final_return_iqm"]) == pytest.approx(300.0)
     assert float(rows["actor_critic"]["final_return_iqm"]) == pytest.approx(350.0)
     for row in rows.values():
-        assert float(row["final_return_iqm_ci_low"]) <= float(row["final_return_iqm"]) <= float(row["final_return_iqm_ci_high"])
+        assert (float(row["final_return_iqm_ci_low"]) <= float(row["final_return_iqm"])
+                <= float(row["final_return_iqm_ci_high"]))
     # threshold 100: a seed at level L crosses once k of its last 100 episodes are L with k * L / 100 >= 100, i.e. at
     # episode 100 + ceil(10000 / L): L=500 -> 120 (step 12,000), 400 -> 125, 300 -> 134, 250 -> 140, 200 -> 150;
     # L <= 100 never
@@ -226,7 +231,8 @@ def test_from_fixture_run_directories_by_hand(tmp_path):
     assert float(rows["reinforce"]["median_steps_to_threshold"]) == pytest.approx(12_500)  # 12,000 12,500 15,000
     assert float(rows["reinforce"]["median_seconds_to_threshold"]) == pytest.approx(1.25)
     assert rows["actor_critic"]["seeds_reached_threshold"] == "4"
-    assert float(rows["actor_critic"]["median_steps_to_threshold"]) == pytest.approx(12_700)  # 12,000 12,000 13,400 14,000
+    # (its seeds reach it at steps 12,000 12,000 13,400 14,000)
+    assert float(rows["actor_critic"]["median_steps_to_threshold"]) == pytest.approx(12_700)
     assert float(rows["actor_critic"]["median_seconds_to_threshold"]) == pytest.approx(0.635)
     # steps/s: all seeds' final steps over the runs' seconds (2 runs of 2 x 20,000 steps in 2 s; 5 x 20,000 in 1 s)
     assert float(rows["reinforce"]["steps_per_s"]) == pytest.approx(80_000 / 4)
@@ -234,7 +240,8 @@ def test_from_fixture_run_directories_by_hand(tmp_path):
     # one row per seed
     seeds = read_rows(out / "seeds.csv")
     assert [(s["algorithm"], int(s["seed"]), float(s["final_return"])) for s in seeds] == \
-        [("reinforce", s, v) for s, v in reinforce_levels.items()] + [("actor_critic", s, v) for s, v in a2c_levels.items()]
+        ([("reinforce", s, v) for s, v in reinforce_levels.items()]
+         + [("actor_critic", s, v) for s, v in a2c_levels.items()])
     # the figures, and a summary that shows the table
     for name in ("curves.png", "curves_wall.png"):
         width, height = png_size(out / name)
@@ -276,7 +283,8 @@ def test_from_splits_a_grid_run_into_one_variant_per_learning_rate(tmp_path):
     assert [(a.label, a.seed, a.final_return()) for a in agents] == [
         ("reinforce lr=0.001", 1, 100.0), ("reinforce lr=0.01", 1, 300.0),
         ("reinforce lr=0.001", 2, 200.0), ("reinforce lr=0.01", 2, 400.0)]
-    assert list(compare.by_variant(agents)) == [("CartPole-v1", "reinforce lr=0.001"), ("CartPole-v1", "reinforce lr=0.01")]
+    assert list(compare.by_variant(agents)) == [("CartPole-v1", "reinforce lr=0.001"),
+                                                ("CartPole-v1", "reinforce lr=0.01")]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -423,9 +431,76 @@ def test_seeds_per_task_0_is_refused_not_taken_for_unset(tmp_path, monkeypatch):
     assert not (tmp_path / "runs").exists()
 
 
+def test_seeds_per_task_plans_a_run_per_seed_group(tmp_path, monkeypatch):
+    # the jobs are planned before a backend is chosen: the same seed groups locally and on Ray
+    monkeypatch.chdir(tmp_path)
+    jobs = compare.plan(compare.CompareArgs(algos=("reinforce", "actor_critic"), num_seeds=3, seeds_per_task=2,
+                                            total_timesteps=1000), stamp=7)
+    assert [(job.algo, job.first_seed, job.num_seeds) for job in jobs] == [
+        ("reinforce", 1, 2), ("reinforce", 3, 1), ("actor_critic", 1, 2), ("actor_critic", 3, 1)]
+    for job in jobs:
+        assert job.run_dir == os.path.join("runs", f"CartPole-v1__{job.algo}__{job.first_seed}__7")
+        flags = dict(zip(job.argv[::2], job.argv[1::2]))
+        assert (flags["--seed"], flags["--num-seeds"]) == (str(job.first_seed), str(job.num_seeds))
+    assert not (tmp_path / "runs").exists()
+
+
+class FakeRay:
+    """What run_ray uses of the ray module: remote() records its options and runs the task here when it is
+    submitted, as a task on the node `node` would."""
+
+    class exceptions:
+        RayError = RuntimeError
+
+    def __init__(self, node: dict):
+        self.options: list[dict] = []
+        self.node = node
+        self.results: list[dict] = []
+
+    def remote(self, **options):
+        self.options.append(options)
+        fake = self
+
+        class Remote:
+            def __init__(self, function):
+                self.function = function
+
+            def remote(self, algo, source, argv, helpers):
+                fake.results.append({"returncode": 0, "message": "", "seconds": 1.5, "node": fake.node,
+                                     "files": {"episodes.csv": f"{algo} {argv[argv.index('--seed') + 1]}".encode()}})
+                return len(fake.results) - 1  # (its object ref)
+
+        return Remote
+
+    def wait(self, refs, num_returns):
+        return refs[:num_returns], refs[num_returns:]
+
+    def get(self, ref):
+        return self.results[ref]
+
+    def cancel(self, ref, force):
+        pass
+
+
+def test_ray_tasks_ask_for_their_cpus_and_spread_over_the_nodes(tmp_path):
+    # num_cpus caps the runs a node takes at once; SPREAD sends them round the nodes with free CPUs (Ray's default
+    # fills the driver's node first): see run_ray. Each outcome carries the node its task reported.
+    node = {"node_id": "ab" * 28, "node_ip": "10.0.0.7", "host": "worker-7"}
+    ray = FakeRay(node)
+    jobs = [compare.Job("reinforce", "CartPole-v1", seed, 1, ["--seed", str(seed)], str(tmp_path / f"run{seed}"))
+            for seed in (1, 2)]
+    outcomes = list(compare.run_ray(ray, jobs, cpus_per_task=3))
+    assert ray.options == [{"num_cpus": 3, "scheduling_strategy": "SPREAD"}]
+    reported = compare.Node("ab" * 28, "10.0.0.7", "worker-7")
+    assert [(o.job.first_seed, o.returncode, o.node) for o in outcomes] == [(1, 0, reported), (2, 0, reported)]
+    assert (tmp_path / "run2" / "episodes.csv").read_text() == "reinforce 2"  # the task's files, unpacked here
+    assert outcomes[0].node.describe() == f"Ray node {'ab' * 6}… at 10.0.0.7, host worker-7"
+
+
 @pytest.mark.parametrize("token,flag", [
     ("--total_timesteps", "--total-timesteps"), ("--total-timesteps=5", "--total-timesteps"),
-    ("--num_seeds=2", "--num-seeds"), ("--no-quiet", "--quiet"), ("--no_resume", "--resume"), ("--env_id", "--env-id"), ("--gamma", None),
+    ("--num_seeds=2", "--num-seeds"), ("--no-quiet", "--quiet"), ("--no_resume", "--resume"),
+    ("--env_id", "--env-id"), ("--gamma", None),
     ("--no-compile", None), ("0.9", None), ("--seed-offset", None)])
 def test_controlled_flag_in_every_spelling(token, flag):
     assert compare.controlled_flag(token) == flag
@@ -442,8 +517,9 @@ def test_sb3_references_are_allowed_but_not_defaults():
 # End to end through the command line
 # ----------------------------------------------------------------------------------------------------------------
 
-TINY = ["--algos", "reinforce", "actor_critic", "--num-seeds", "2", "--seeds-per-task", "1", "--total-timesteps",
-        "3000", "--threshold", "20"]
+# (one process per algorithm: its seed groups of one, --seeds-per-task 1, are run on Ray by
+# test_compare_ray_nodes.py, and planned the same on either backend, test_seeds_per_task_plans_a_run_per_seed_group)
+TINY = ["--algos", "reinforce", "actor_critic", "--num-seeds", "2", "--total-timesteps", "3000", "--threshold", "20"]
 # columns that depend on the machine's load, not on the seeds
 TIMING_COLUMNS = {"median_seconds_to_threshold", "steps_per_s"}
 
@@ -468,25 +544,32 @@ def test_tiny_comparison_local_and_ray_give_the_same_summary(tmp_path):
     # each (algorithm, seed group) wrote its normal run directory under runs/, with every seed's rows; Ray's came
     # back to this machine, and their config.json names where they are now
     run_dirs = sorted(p for p in (tmp_path / "runs").iterdir())
-    assert len(run_dirs) == 8, run_dirs
+    assert len(run_dirs) == 4, run_dirs
     for run_dir in run_dirs:
         config = json.loads((run_dir / "config.json").read_text())
-        assert run_dir.name.startswith(f"CartPole-v1__{config['algorithm']}__{config['seed']}__")
-        assert config["run_dir"] == os.path.join("runs", run_dir.name) and config["num_seeds"] == 1
-        assert {r["seed"] for r in read_rows(run_dir / "episodes.csv")} == {str(config["seed"])}
+        assert run_dir.name.startswith(f"CartPole-v1__{config['algorithm']}__1__") and config["seed"] == 1
+        assert config["run_dir"] == os.path.join("runs", run_dir.name) and config["num_seeds"] == 2
+        assert {r["seed"] for r in read_rows(run_dir / "episodes.csv")} == {"1", "2"}
         assert (run_dir / "checkpoint.pt").exists()
     manifest = json.loads((tmp_path / "ray" / "compare.json").read_text())
-    assert len(manifest["runs"]) == 4 and manifest["failures"] == []
+    assert len(manifest["runs"]) == 2 and manifest["failures"] == []
+    # where each ran: this machine ("local") without Ray; with --ray-address local, the one node of the Ray instance
+    # compare.py started (a node id of 28 bytes in hex), in seeds.csv and compare.json alike
+    local_seeds, ray_seeds = read_rows(tmp_path / "local" / "seeds.csv"), read_rows(tmp_path / "ray" / "seeds.csv")
+    assert {(s["node_id"], s["node_ip"]) for s in local_seeds} == {("local", "")}, local_seeds
+    [node_id] = {s["node_id"] for s in ray_seeds}
+    assert len(node_id) == 56 and int(node_id, 16) >= 0 and all(s["node_ip"] for s in ray_seeds), ray_seeds
+    assert {node["node_id"] for node in manifest["nodes"].values()} == {node_id} and len(manifest["nodes"]) == 2
     assert "![learning curves vs env steps](curves.png)" in (tmp_path / "ray" / "summary.md").read_text()
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("backend", [[], ["--ray-address", "local"]], ids=["local", "ray"])
-def test_a_failed_run_is_reported_and_the_rest_still_compared(tmp_path, backend):
+def check_a_failed_run(tmp_path: Path, backend: list[str], env: dict | None = None) -> subprocess.CompletedProcess:
+    """A failed run is reported and the rest still compared (on Ray: test_compare_ray_nodes.py, on its cluster)."""
     # a learning rate of 1e30 makes actor_critic's parameters non-finite within a few updates: the script stops
     # with an error (exit 1), while reinforce trains normally
     r = run_compare(["--algos", "reinforce", "actor_critic", "--num-seeds", "2", "--total-timesteps", "5000",
-                     "--algo-args", "actor_critic:--learning-rate=1e30", "--out", "cmp", *backend], cwd=tmp_path)
+                     "--algo-args", "actor_critic:--learning-rate=1e30", "--out", "cmp", *backend], cwd=tmp_path,
+                    env=env)
     assert r.returncode == 1, r.stderr
     assert "FAILED: actor_critic on CartPole-v1, seeds 1-2: exit status 1: error: non-finite" in r.stderr, r.stderr
     rows = read_rows(tmp_path / "cmp" / "summary.csv")
@@ -496,6 +579,13 @@ def test_a_failed_run_is_reported_and_the_rest_still_compared(tmp_path, backend)
     # the failed run keeps its directory and its last finite checkpoint
     [failed] = [p for p in (tmp_path / "runs").iterdir() if "actor_critic" in p.name]
     assert (failed / "checkpoint.pt").exists()
+    return r
+
+
+@pytest.mark.slow
+def test_a_failed_run_is_reported_and_the_rest_still_compared(tmp_path):
+    r = check_a_failed_run(tmp_path, [])
+    assert "on local, host" not in r.stderr  # (a local run's failure does not name this machine)
 
 
 @needs_sb3
@@ -542,17 +632,3 @@ def test_sb3_ppo_beside_ppo_on_the_same_seeds_and_budget(tmp_path):
     config = json.loads((run_dir / "config.json").read_text())
     assert (config["algorithm"], config["settings"], config["total_timesteps"]) == ("sb3_ppo", "zoo", 2048)
     assert [a["seed"] for a in config["agents"]] == [5, 6] and config["hyperparams"]["n_epochs"] == 20
-
-
-@needs_sb3
-@pytest.mark.slow
-def test_sb3_a2c_on_ray_gives_the_local_numbers(tmp_path):
-    r = run_compare(["--algos", "sb3_a2c", "--num-seeds", "2", "--seeds-per-task", "1", "--total-timesteps", "2000",
-                     "--algo-args", "sb3_a2c:--settings default", "--ray-address", "local", "--out", "ray"],
-                    cwd=tmp_path)
-    assert r.returncode == 0, r.stderr
-    seeds = read_rows(tmp_path / "ray" / "seeds.csv")
-    assert [(s["algorithm"], s["seed"]) for s in seeds] == [("sb3_a2c_default", "1"), ("sb3_a2c_default", "2")]
-    local = sb3_reference.main(["--quiet", "--settings", "default", "--num-seeds", "2", "--total-timesteps", "2000",
-                                "--run-dir", str(tmp_path / "local")])
-    assert [float(s["final_return"]) for s in seeds] == pytest.approx([x["last100_mean"] for x in local])
