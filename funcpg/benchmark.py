@@ -179,10 +179,12 @@ def bench_threshold(algo: str, env_id: str, threshold: Optional[float], max_step
     for seed in seeds:
         run_dir = os.path.join(workdir, f"{algo}_{env_id}_{seed}_{len(flags)}")
         target = ["--target-return", str(threshold)] if threshold is not None else []
-        process_seconds = run_script(algo, ["--env-id", env_id, "--seed", str(seed), "--total-timesteps", str(max_steps),
+        process_seconds = run_script(algo, ["--env-id", env_id, "--seed", str(seed),
+                                            "--total-timesteps", str(max_steps),
                                             *target, "--eval-every", "0", "--save-every", "0", "--run-dir", run_dir,
                                             *flags]).seconds
-        episodes, updates = read_csv(os.path.join(run_dir, "episodes.csv")), read_csv(os.path.join(run_dir, "updates.csv"))
+        episodes = read_csv(os.path.join(run_dir, "episodes.csv"))
+        updates = read_csv(os.path.join(run_dir, "updates.csv"))
         steps, walls, returns = tools_common.episode_arrays(episodes)
         hit = steps_to_threshold(steps, walls, returns, threshold) if threshold is not None else None
         last = updates[-1]
@@ -228,7 +230,8 @@ def bench_compile(args: BenchArgs, algo: str, module, workdir: str) -> dict:
              "--eval-every", "0", "--save-every", "0"]
     cache = tempfile.mkdtemp(prefix="inductor_cache_", dir=workdir)
     end_to_end = {}
-    for name, extra in [("eager", ["--no-compile"]), ("compiled_cold", ["--compile"]), ("compiled_warm", ["--compile"])]:
+    modes = [("eager", ["--no-compile"]), ("compiled_cold", ["--compile"]), ("compiled_warm", ["--compile"])]
+    for name, extra in modes:
         end_to_end[name] = run_script(algo, [*flags, *extra, "--run-dir", os.path.join(workdir, f"{algo}_{name}")],
                                       env={"TORCHINDUCTOR_CACHE_DIR": cache}).seconds
 

@@ -10,7 +10,8 @@ compare.py measures funcpg and SB3 on the same seeds and budget with one command
     python funcpg/compare.py --env-id Pendulum-v1 --algos actor_critic sb3_a2c --num-seeds 10 --total-timesteps 1000000
     python funcpg/compare.py --env-id LunarLander-v3 --algos ppo sb3_ppo --num-seeds 10 --total-timesteps 1000000
     python funcpg/compare.py --env-id CartPole-v1 --algos actor_critic sb3_a2c --algo-args "sb3_a2c:--settings default"
-    python funcpg/sb3_reference.py --env-id Pendulum-v1 --seed 1 --num-seeds 10 --total-timesteps 1000000 --run-dir runs/sb3_pendulum
+    python funcpg/sb3_reference.py --env-id Pendulum-v1 --seed 1 --num-seeds 10 --total-timesteps 1000000 \\
+        --run-dir runs/sb3_pendulum
 
   Its flags are exactly compare.py's controlled ones, --env-id --seed --num-seeds --total-timesteps --num-threads
   --quiet --run-dir, plus --algo a2c|ppo (default a2c) and --settings zoo|default (default zoo). It trains seeds

@@ -2,8 +2,8 @@
 share: their command-line plumbing, run-directory helpers, the threshold rule and the checks of seeds and counts.
 
 The algorithm scripts (funcpg/reinforce.py, reinforce_baseline.py, actor_critic.py, ppo.py) stand alone and never
-import this module; the tools import it, and the scripts, as the standalone files they are (funcpg/ on sys.path), so that
-each tool runs as `python funcpg/{tool}.py` and imports under the funcpg package alike. Only the standard library
+import this module; the tools import it, and the scripts, as the standalone files they are (funcpg/ on sys.path), so
+that each tool runs as `python funcpg/{tool}.py` and imports under the funcpg package alike. Only the standard library
 and numpy at import time: sb3_reference.py's run mode imports it on a Ray worker too (compare.py ships this file
 beside the script it runs there).
 """

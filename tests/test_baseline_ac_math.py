@@ -604,7 +604,8 @@ def test_reinforce_baseline_truncation_bootstraps_final_observation_value():
                 args = rb.Args(compile=False, baseline="value", gamma=CHAIN_GAMMA, hidden_sizes=(),
                                return_type=return_type, normalize_advantages=False)
                 update = rb.make_agent_update(args)
-                _, _, _, metrics = update(wrong, rb.adam_init(wrong), fresh_norm(rb, wrong, batch), batch, hyper_of(args))
+                state = rb.adam_init(wrong), fresh_norm(rb, wrong, batch)
+                _, _, _, metrics = update(wrong, *state, batch, hyper_of(args))
                 targets = ref_chain_returns(rewards, valid, dones, v_wrong, return_type=return_type)
                 expected = np.mean((v_wrong(rewards) - targets)[valid] ** 2)
                 assert metrics["value_loss"].item() == pytest.approx(expected, rel=1e-5), return_type
@@ -938,7 +939,7 @@ def test_rb_make_update_matches_torch_pipeline(continuous, baseline, return_type
         batch = rb.Batch(*(x.double() for x in batch))
         old = {k: p.detach().clone() for k, p in named.items()}
         opt_state = rb.adam_init(old) if i == 0 else opt_state_from(by_key, i)
-        norm = fresh_norm(rb, old, batch) if i == 0 else norm
+        norm = fresh_norm(rb, old, batch) if i == 0 else norm  # noqa: F821 (set at i == 0)
         params, opt_state, norm, metrics = update(old, opt_state, norm, batch, hyper)
         assert all(v.dtype == torch.float64 for v in params.values())
         batch, rewards = reference_norm.apply(batch, norm) if running_norm else (batch, batch.rewards.numpy())
@@ -1013,7 +1014,7 @@ def test_ac_make_update_matches_torch_pipeline(continuous, shared_trunk, normali
         assert truncated.any() and batch.terminated.any() and (batch.valid == 0).any()
         old = {k: p.detach().clone() for k, p in named.items()}
         opt_state = ac.adam_init(old) if i == 0 else opt_state_from(by_key, i)
-        norm = fresh_norm(ac, old, batch) if i == 0 else norm
+        norm = fresh_norm(ac, old, batch) if i == 0 else norm  # noqa: F821 (set at i == 0)
         params, opt_state, norm, metrics = update(old, opt_state, norm, batch, hyper)
         assert all(v.dtype == torch.float64 for v in params.values())
         batch, rewards = reference_norm.apply(batch, norm) if running_norm else (batch, batch.rewards.numpy())
@@ -1057,8 +1058,8 @@ AC_COMPILE_ARGS = dict(gamma=0.99, gae_lambda=0.95, normalize_advantages=True, v
 @pytest.mark.slow
 @pytest.mark.parametrize("continuous", [False, "gsde"])
 def test_ac_compiled_update_matches_eager(compiled_vs_eager, continuous):
-    """Two updates of two agents, compiled vs eager, CartPole-sized (see check_compiled_update in tests/helpers.py for what is compared
-    and why); and with gSDE's Gaussian (LunarLanderContinuous-sized)."""
+    """Two updates of two agents, compiled vs eager, CartPole-sized (see check_compiled_update in tests/helpers.py for
+    what is compared and why); and with gSDE's Gaussian (LunarLanderContinuous-sized)."""
     args = ac.Args(compile=False, **AC_COMPILE_ARGS)
     compiled = ac.make_update(ac.Args(compile=True, **AC_COMPILE_ARGS))
     eager = ac.make_update(args)

@@ -24,8 +24,8 @@ import gymnasium as gym
 import pytest
 import torch
 
-from cli_helpers import (AC, CRITIC, PPO, R, RB, SCRIPTS, args_fields, assert_ok, load_checkpoint, read_config, read_csv,
-                         run_script, script_path, steps, write_testenvs)
+from cli_helpers import (AC, CRITIC, PPO, R, RB, SCRIPTS, args_fields, assert_ok, load_checkpoint, read_config,
+                         read_csv, run_script, script_path, steps, write_testenvs)
 
 
 # ----------------------------------------------------------------------------------------------------------------

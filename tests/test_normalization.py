@@ -21,8 +21,8 @@ import numpy as np
 import pytest
 import torch
 
-from cli_helpers import (AC, EXACT_RESUME, SCRIPTS, assert_ok, load_checkpoint, load_raw_checkpoint, module_of, read_csv,
-                         run_script, without)
+from cli_helpers import (AC, EXACT_RESUME, SCRIPTS, assert_ok, load_checkpoint, load_raw_checkpoint, module_of,
+                         read_csv, run_script, without)
 from helpers import flatten
 
 torch.set_num_threads(1)

@@ -38,13 +38,15 @@ def per_seed(rows: list[dict], key: str = "seed") -> dict[str, list[dict]]:
 
 
 def stacked_batch(module, num_agents: int, num_envs: int = 4, num_steps: int = 24):
-    """Stacked parameters, Adam states, normalization states and hyperparameters of num_agents agents (seeds 1..A, learning rates and
-    entropy coefficients differing per agent), and one real CartPole batch [T, A, N, ...] of all of them."""
+    """Stacked parameters, Adam states, normalization states and hyperparameters of num_agents agents (seeds 1..A,
+    learning rates and entropy coefficients differing per agent), and one real CartPole batch [T, A, N, ...] of all of
+    them."""
     one_step = {"update_epochs": 1, "num_minibatches": 1} if module.ALGORITHM == "ppo" else {}  # one Adam step
     args = module.Args(num_seeds=num_agents, num_envs=num_envs, num_steps=num_steps, normalize_obs=True,
                        normalize_reward=True, **one_step)
     envs = module.make_env("CartPole-v1", num_agents * num_envs)
-    per_agent = [module.init_params(4, 2, (16,), False, torch.Generator().manual_seed(a)) for a in range(1, num_agents + 1)]
+    per_agent = [module.init_params(4, 2, (16,), False, torch.Generator().manual_seed(a))
+                 for a in range(1, num_agents + 1)]
     params = module.stack_agents(per_agent)
     opt_state = module.stack_agents([module.adam_init(p) for p in per_agent])
     hyper = agent_hyper([1e-3 * (a + 1) for a in range(num_agents)], [0.01 * a for a in range(num_agents)])
@@ -181,7 +183,8 @@ def test_k_seed_run_writes_every_output_per_seed(tmp_path, script):
         if script in (AC, PPO):  # fixed rollouts
             assert set(increments) == {config["num_steps"] * config["num_envs"]}
         else:  # complete episodes: at least num_steps per env, in whole vector steps
-            assert all(d % config["num_envs"] == 0 and d >= config["num_steps"] * config["num_envs"] for d in increments)
+            rollout = config["num_steps"] * config["num_envs"]
+            assert all(d % config["num_envs"] == 0 and d >= rollout for d in increments)
         for row in rows:
             assert math.isfinite(float(row["policy_loss"])) and (row["value_loss"] != "") == (script in CRITIC)
     if script not in (AC, PPO):  # each agent counts its own batches' steps (they end when its own episodes end)

@@ -215,8 +215,8 @@ def test_lock_pins_every_package_the_install_pulls_in():
     from packaging.requirements import Requirement
     from packaging.utils import canonicalize_name
 
-    pins = {canonicalize_name(line.partition("==")[0])
-            for line in (REPO / "requirements.lock").read_text().splitlines() if line.strip() and not line.startswith("#")}
+    lines = (REPO / "requirements.lock").read_text().splitlines()
+    pins = {canonicalize_name(line.partition("==")[0]) for line in lines if line.strip() and not line.startswith("#")}
     seen, todo = set(), [("funcpg", "test")]
     while todo:
         name, extra = todo.pop()
@@ -258,4 +258,5 @@ def test_lock_pins_every_declared_dependency_within_its_range():
         assert requirement.specifier.contains(pins[name]), f"{name}=={pins[name]} is outside {requirement}"
     for extra, requirements in {"": project["dependencies"], **project["optional-dependencies"]}.items():
         for requirement in map(Requirement, requirements):
-            assert any(s.operator == "<" for s in requirement.specifier), f"{requirement} ({extra or 'runtime'}): no upper bound"
+            assert any(s.operator == "<" for s in requirement.specifier), \
+                f"{requirement} ({extra or 'runtime'}): no upper bound"

@@ -417,7 +417,7 @@ def test_make_update_matches_torch_pipeline(continuous, return_type, normalize_r
         batch = rf.Batch(*(x.double() for x in batch))
         old = {k: p.detach().clone() for k, p in ref_params.items()}
         opt_state = rf.adam_init(old) if i == 0 else opt_state_from(by_key, i)
-        norm = fresh_norm(rf, old, batch) if i == 0 else norm
+        norm = fresh_norm(rf, old, batch) if i == 0 else norm  # noqa: F821 (set at i == 0)
         params, opt_state, norm, metrics = update(old, opt_state, norm, batch, hyper)
         assert all(v.dtype == torch.float64 for v in params.values())
         batch, rewards = reference_norm.apply(batch, norm) if running_norm else (batch, batch.rewards.numpy())
@@ -585,7 +585,8 @@ def test_policy_gradient_estimator_is_unbiased_on_exact_mdp():
         z = (mean - target) / se
         assert target.norm() > 4 * se.norm(), "test too weak: the true gradient is within noise of 0"
         assert (target.abs() > 4 * se).sum() >= 4, "test too weak: few components distinguishable from 0"
-        assert z.abs().max() < 4, f"{return_type}: mean {mean.tolist()} vs -grad J / 2 {target.tolist()}, z {z.tolist()}"
+        assert z.abs().max() < 4, \
+            f"{return_type}: mean {mean.tolist()} vs -grad J / 2 {target.tolist()}, z {z.tolist()}"
         print(f"{return_type}: max |z| = {z.abs().max():.2f}, |target| / |SE| = {target.norm() / se.norm():.1f}")
 
 
