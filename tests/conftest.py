@@ -13,6 +13,14 @@ import cli_helpers
 import helpers
 
 
+def pytest_collection_modifyitems(items):
+    """The tests of compare.py (local Ray instances, a two-node cluster) in one xdist group: one worker runs them,
+    one after another, never two Ray clusters at once."""
+    for item in items:
+        if item.path.name.startswith("test_compare"):
+            item.add_marker(pytest.mark.xdist_group("compare"))
+
+
 @pytest.fixture(autouse=True, scope="session")
 def ctrl_c_raises_keyboard_interrupt():
     """Python's own Ctrl-C handler in the test process, whatever it inherited: a test run started in the background by
