@@ -9,7 +9,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 import numpy as np
 import pytest
@@ -126,16 +126,38 @@ def test_unused_path_counts_up_past_existing_paths(tmp_path):
     assert tools_common.unused_path(base) == base + "-4"
 
 
-def test_tyro_error_line_of_a_box():
-    box = ("\x1b[31m╭─ Unrecognized options ─────────────╮\x1b[0m\n"
-           "│ Unrecognized options: --bogus      │\n"
-           "│ ────────────────────────────────── │\n"
-           "│ For full helptext, run x --help    │\n"
-           "╰────────────────────────────────────╯\n")
-    assert tools_common.tyro_error_line(box) == "Unrecognized options: --bogus"
-    box = "╭─ Parsing error ──╮\n│ Argument --seed: │\n│ expected an int  │\n╰──────────────────╯\n"
-    assert tools_common.tyro_error_line(box) == "Parsing error: Argument --seed: expected an int"
-    assert tools_common.tyro_error_line("") == "invalid command line"
+def test_a_tools_error_line_names_the_flag_tyro_refuses_and_does_not_read_tyros_box(monkeypatch, capsys):
+    """parse_cli: tyro's own error output (here: drawn otherwise) is discarded; the line names the first flag tyro
+    refuses alone, with its values, and what its field allows."""
+    import dataclasses
+
+    import tyro
+
+    @dataclasses.dataclass
+    class Cli:
+        seed: int = 1
+        algos: tuple[Literal["a", "b"], ...] = ("a",)
+        target: Optional[float] = None
+        quiet: bool = False
+
+    real_cli = tyro.cli
+
+    def another_tyro(*args, **kwargs):
+        print("+== a box of another tyro release ==+", file=sys.stderr)
+        return real_cli(*args, **kwargs)
+
+    monkeypatch.setattr(tyro, "cli", another_tyro)
+    cases = {("--seed", "x"): "--seed x: allowed: an int",
+             ("--quiet", "--algos", "a", "c"): "--algos a c: allowed: one or more values, each one of a, b",
+             ("--target", "high"): "--target high: allowed: a number or None",
+             ("--no-quiet", "1"): "--no-quiet 1: allowed: no value",
+             ("--seed", "2", "--bogus"): "--bogus: no such flag"}
+    for argv, message in cases.items():
+        with pytest.raises(SystemExit) as exit_:
+            tools_common.parse_cli(Cli, "test", list(argv))
+        assert exit_.value.code == 2
+        assert capsys.readouterr().err.splitlines() == [f"error: {message} (--help lists every flag)"], argv
+    assert tools_common.parse_cli(Cli, "test", ["--seed=3", "--algos", "b", "a"]) == Cli(seed=3, algos=("b", "a"))
 
 
 def test_check_counts():
