@@ -1274,9 +1274,9 @@ def parse_args(default: Optional[Args] = None, argv: Optional[list[str]] = None,
     return parse_args(dataclasses.replace(Args(), **defaults), argv) if defaults else args
 
 
-def refused(parse, argv: list[str]) -> str:
-    """What tyro refused in argv (not read from its box): the first flag that parse refuses alone, what it allows."""
-    hints = {f"--{no}{k.replace('_', '-')}": h for k, h in get_type_hints(Args).items()
+def refused(parse, argv: list[str], cls: type = Args) -> str:
+    """What tyro refused in argv (not read from its box): the first flag parse refuses alone, what cls allows there."""
+    hints = {f"--{no}{k.replace('_', '-')}": h for k, h in get_type_hints(cls).items()
              for no in ["", "no-"][:1 + (h is bool)]}  # a bool is --flag or --no-flag
     words = [w for word in argv for w in (word.split("=", 1) if word.startswith("--") else [word])]
     starts = [i for i, word in enumerate(words) if re.match(r"-(-|[^\d.])", word)]  # flags: not -1, -.5

@@ -15,9 +15,8 @@ import csv
 import importlib
 import io
 import os
-import re
 import sys
-from typing import Callable, Iterable, Literal, Optional, TypeVar, Union, get_args, get_origin, get_type_hints
+from typing import Callable, Iterable, Optional, TypeVar
 
 import numpy as np
 
@@ -38,8 +37,8 @@ T = TypeVar("T")
 
 def parse_cli(cls: type[T], description: str, args: Optional[list[str]] = None) -> T:
     """tyro.cli(cls); what tyro refuses is one line `error: ... (--help lists every flag)` on stderr (exit status 2),
-    as the scripts report theirs, and from the same rule: tyro's own error output is discarded (never parsed), and
-    refused_flag() names the flag; --help prints tyro's help (exit status 0)."""
+    as the scripts report theirs, by their rule: tyro's own error output is discarded (never parsed), and the scripts'
+    refused() names the first flag tyro refuses alone; --help prints tyro's help (exit status 0)."""
     import tyro
 
     argv = sys.argv[1:] if args is None else list(args)
@@ -52,38 +51,9 @@ def parse_cli(cls: type[T], description: str, args: Optional[list[str]] = None) 
         return parse(argv)
     except SystemExit as e:
         if e.code not in (0, None):
-            print(f"error: {refused_flag(cls, parse, argv)} (--help lists every flag)", file=sys.stderr)
+            why = load_script("reinforce").refused(parse, argv, cls)  # the scripts' rule, one copy of it
+            print(f"error: {why} (--help lists every flag)", file=sys.stderr)
         raise
-
-
-def refused_flag(cls: type, parse: Callable[[list[str]], object], argv: list[str]) -> str:
-    """The first flag of argv (with its values) that parse refuses on its own, asked again silently, and what the
-    field allows ("no such flag" for a flag cls lacks): `--algos reinforce trpo: allowed: one or more of ...`."""
-    hints = {f"--{no}{k.replace('_', '-')}": h for k, h in get_type_hints(cls).items()
-             for no in ["", "no-"][:1 + (h is bool)]}  # a bool is --flag or --no-flag
-    words = [w for word in argv for w in (word.split("=", 1) if word.startswith("--") else [word])]
-    starts = [i for i, word in enumerate(words) if re.match(r"-(-|[^\d.])", word)]  # flags: not -1, -.5
-    for group in (words[i:j] for i, j in zip([0, *starts], [*starts, len(words)]) if i < j):
-        try:
-            parse(group)
-        except SystemExit:
-            hint = hints.get(group[0].replace("_", "-"))
-            return f"{' '.join(group)}: {'no such flag' if hint is None else 'allowed: ' + type_words(hint)}"
-    return f"{' '.join(argv)}: invalid command line"
-
-
-def type_words(hint) -> str:
-    """A field's type in words: `an int`, `one of a, b`, `one or more of a, b`, `a float or None`, `no value`."""
-    origin, inner = get_origin(hint), get_args(hint)
-    if hint is bool:
-        return "no value"
-    if origin is Literal:
-        return "one of " + ", ".join(map(str, inner))
-    if origin is tuple:
-        return "one or more values, each " + type_words(inner[0])
-    if origin is Union:
-        return " or ".join("None" if h is type(None) else type_words(h) for h in inner)
-    return {int: "an int", float: "a number", str: "a string"}.get(hint, getattr(hint, "__name__", str(hint)))
 
 
 def run_main(main: Callable[[], object]) -> None:
