@@ -131,10 +131,8 @@ class Args:
 # Continuous actions (a Box action space) change these defaults of the command line, then ENV_DEFAULTS[env id] (the
 # settings measured best per env, as RL-Zoo keeps them); flags given still win.
 CONTINUOUS_DEFAULTS = {"gamma": 0.95}  # normalization made it worse on Pendulum-v1 (see the README)
-ENV_DEFAULTS: dict[str, dict] = {
-    "LunarLander-v3": {"normalize_obs": True, "normalize_reward": True, "num_envs": 4, "num_steps": 16, "gamma": 0.995,
-                       "ent_coef": (0.0,)},
-}
+ENV_DEFAULTS: dict[str, dict] = {"LunarLander-v3": {"normalize_obs": True, "normalize_reward": True, "num_envs": 4,
+                                                    "num_steps": 16, "gamma": 0.995, "ent_coef": (0.0,)}}
 ARCHITECTURE = ("hidden_sizes", "baseline")  # the flags that shape the parameters: a resumed run keeps them
 
 
@@ -217,8 +215,7 @@ def compute_returns(rewards: torch.Tensor, dones: torch.Tensor, valid: torch.Ten
     if return_type == "episode":
         continues = torch.cat([torch.zeros_like(valid[:1]), valid[:-1] * (1.0 - dones[:-1])])
         start = valid * (1.0 - continues)
-        returns = discounted_scan((start * returns).flip(0), (1.0 - start).flip(0), torch.zeros_like(returns[0]))
-        returns = returns.flip(0)
+        returns = discounted_scan((start * returns).flip(0), (1 - start).flip(0), torch.zeros_like(returns[0])).flip(0)
     return returns
 
 
@@ -259,8 +256,7 @@ def make_agent_update(args: Args, stage=lambda fn, in_dims: fn):
     "ent_coef"}) -> (params, opt_state, norm, metrics), pure: make_update runs it over the agents as one stage (vmap;
     --compile compiles it, so no Python control flow on tensor values). Run.record checks the result is finite."""
 
-    def update(params: dict[str, torch.Tensor], opt_state: dict, norm: dict, batch: Batch,
-               hyper: dict[str, torch.Tensor]):
+    def update(params: dict[str, torch.Tensor], opt_state: dict, norm: dict, batch: Batch, hyper: dict):
         norm, batch = normalized(args, norm, batch)  # --normalize-obs / --normalize-reward (below the marker)
         values = value(params, batch.obs).detach() if args.baseline == "value" else None  # no gradient through it
         rewards = batch.rewards if values is None else batch.rewards + args.gamma * batch.truncated * values[1:]
@@ -285,23 +281,48 @@ def make_agent_update(args: Args, stage=lambda fn, in_dims: fn):
 
 
 class Rollout:
-    """A vector env of N envs per agent, buffers [capacity, A * N, ...] (agent a: columns a*N .. a*N + N-1), and
-    the loop that fills them with a batch of complete episodes per learning agent. An agent's batch depends on its
-    own parameters, env seeds and noise only: an agent that stops changes no other agent's data."""
+    """N envs per agent (agent a: columns a*N .. a*N + N-1), buffers [capacity, A * N, ...], and the loop that fills
+    them with a batch of complete episodes per learning agent. An agent's batch depends on its own parameters, env
+    seeds and noise only: an agent that stops changes no other agent's data. envs: one vector env per agent, stepped
+    in turn, or (agent_envs) gymnasium's numpy CartPole of all A * N, stepped in one call, each agent's initial states
+    drawn as its own env's reset(seed) would draw them (the same numbers); the others' envs then move too, unseen, so
+    an agent is reset before it steps again. fixed_shape: batches keep all buffer rows (one shape for --compile)."""
 
-    def __init__(self, envs: list[gym.vector.VectorEnv], num_steps: int, device: torch.device,
+    def __init__(self, envs: list[gym.vector.VectorEnv], num_agents: int, num_steps: int, device: torch.device,
                  fixed_shape: bool = False):
-        """envs: one per agent, alike. fixed_shape: batches keep all buffer rows (one shape for the compiled update)"""
         self.envs, self.num_steps, self.device, self.fixed_shape = envs, num_steps, device, fixed_shape
-        self.num_agents, self.num_envs = len(envs), envs[0].num_envs
-        space = envs[0].single_action_space
+        self.num_agents, self.num_envs, self.batched = num_agents, len(envs) * envs[0].num_envs // num_agents, \
+            len(envs) < num_agents
+        self.space, self.rngs = (space := envs[0].single_action_space), {}
         self.continuous = isinstance(space, gym.spaces.Box)
         self.action_dim = space.shape[0] if self.continuous else int(space.n)  # the policy's output size
-        # an episode still running at step num_steps - 1 ends within the time limit (check_env requires one)
-        self.capacity = num_steps + envs[0].spec.max_episode_steps
+        self.capacity = num_steps + envs[0].spec.max_episode_steps  # an episode runs at most this (check_env)
         n, obs_shape = self.num_agents * self.num_envs, envs[0].single_observation_space.shape
         self.obs = np.zeros((self.capacity + 1, n, *obs_shape), dtype=np.float32)  # numpy: ~1 us per step written
         self.actions = np.zeros((self.capacity, n, *(space.shape if self.continuous else ())), dtype=np.float32)
+
+    def reset(self, obs: np.ndarray, seeds: list[int], mask: np.ndarray) -> None:
+        n, env = self.num_envs, self.envs[0].unwrapped
+        for a in np.flatnonzero(mask):  # gymnasium's np_random(seed) is np.random.default_rng(seed): its draws
+            s, self.rngs[a] = slice(a * n, (a + 1) * n), np.random.default_rng(seeds[a])
+            if self.batched:
+                env.state[:, s], env.steps[s], env.prev_done[s] = self.rngs[a].uniform(env.low, env.high, (4, n)), 0, 0
+            obs[s] = env.state[:, s].T if self.batched else self.envs[a].reset(seed=seeds[a])[0]
+
+    def step(self, obs: np.ndarray, actions: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, ...]:
+        """Step the agents in mask (their obs [A * N, ...] updated): reward, terminated, truncated (others': 0)"""
+        n, cols, env = self.num_envs, np.repeat(mask, self.num_envs), self.envs[0].unwrapped
+        reward, terminated, truncated = np.zeros(len(cols)), np.zeros(len(cols), bool), np.zeros(len(cols), bool)
+        if self.batched:
+            fresh, (_, r, term, tr, _) = env.prev_done & cols, self.envs[0].step(actions)  # fresh: reset by it
+            for a in np.flatnonzero(fresh.reshape(-1, n).any(1)):  # (NEXT_STEP autoreset) drawn as its env would
+                i = a * n + np.flatnonzero(fresh[a * n:(a + 1) * n])
+                env.state[:, i] = self.rngs[a].uniform(env.low, env.high, (4, len(i)))
+            obs[cols], reward[cols], terminated[cols], truncated[cols] = (x[cols] for x in (env.state.T, r, term, tr))
+        for a in [] if self.batched else np.flatnonzero(mask):
+            s = slice(a * n, (a + 1) * n)
+            obs[s], reward[s], terminated[s], truncated[s], _ = self.envs[a].step(actions[s])
+        return reward, terminated, truncated
 
     def close(self) -> None:
         for envs in self.envs:
@@ -316,16 +337,13 @@ class Rollout:
         num_agents, per, n = self.num_agents, self.num_envs, self.num_agents * self.num_envs
         rewards, dones, truncs, valid = (np.zeros((self.capacity, n), dtype=np.float32) for _ in range(4))
         active = np.repeat(learning, per)  # this env's steps still belong to the batch
-        collecting, steps, episodes = learning.copy(), np.zeros(num_agents, dtype=np.int64), []
-        previous_done = np.zeros(n, dtype=bool)
-        episode_return, episode_length = np.zeros(n), np.zeros(n, dtype=np.int64)
+        collecting, steps, episodes, t = learning.copy(), np.zeros(num_agents, dtype=np.int64), [], 0
+        previous_done, episode_return, episode_length = np.zeros(n, dtype=bool), np.zeros(n), np.zeros(n, np.int64)
         noise = torch.zeros((self.capacity, num_agents, per, self.action_dim), device=self.device)
         obs = np.zeros((n, *self.obs.shape[2:]), dtype=np.float32)  # an agent that has stopped keeps zeros
-        for a in np.flatnonzero(learning):
-            obs[a * per:(a + 1) * per], _ = self.envs[a].reset(seed=seeds[a])
-            noise[:, a] = action_noise((self.capacity, per, self.action_dim), self.continuous, generators[a],
-                                       self.device)
-        t = 0
+        self.reset(obs, seeds, learning)
+        for a in np.flatnonzero(learning):  # each agent's noise from its own generator
+            noise[:, a] = action_noise(noise[:, a].shape, self.continuous, generators[a], self.device)
         with torch.inference_mode():  # cheaper per op than no_grad; nothing here enters a gradient
             while collecting.any():
                 self.obs[t] = obs
@@ -335,12 +353,8 @@ class Rollout:
                 action = sample_action(params, obs_t, noise[t]).view(n, *self.actions.shape[2:]).cpu().numpy()
                 self.actions[t] = action
                 if self.continuous:
-                    action = np.clip(action, self.envs[0].single_action_space.low,
-                                     self.envs[0].single_action_space.high)
-                reward, terminated, truncated = np.zeros(n), np.zeros(n, dtype=bool), np.zeros(n, dtype=bool)
-                for a in np.flatnonzero(collecting):
-                    s = slice(a * per, (a + 1) * per)
-                    obs[s], reward[s], terminated[s], truncated[s], _ = self.envs[a].step(action[s])
+                    action = np.clip(action, self.space.low, self.space.high)
+                reward, terminated, truncated = self.step(obs, action, collecting)
                 done = terminated | truncated
                 # the step after a done only resets its env (NEXT_STEP autoreset): never learn from it, nor count it
                 valid[t] = active & ~previous_done
@@ -364,12 +378,21 @@ class Rollout:
         return batch, steps, episodes
 
 
+def agent_envs(env_id: str, num_agents: int, num_envs: int) -> list[gym.vector.VectorEnv]:
+    """Rollout's envs: one numpy CartPole of all agents' envs where gymnasium's is the env, else one env per agent."""
+    if num_agents > 1 and type(probe_env(env_id).unwrapped) is importlib.import_module(
+            "gymnasium.envs.classic_control.cartpole").CartPoleVectorEnv:
+        (envs := make_env(env_id, num_agents * num_envs)).reset(seed=0)  # (each agent's states: drawn at its reset)
+        return [envs]
+    return [make_env(env_id, num_envs) for _ in range(num_agents)]
+
+
 def train(args: Args) -> dict:
     """The whole run; returns Run.result(): per agent, its final "params", "episodes", "evaluations", ..."""
     run = Run(args)  # device, agents, counters, run directory and logs, the checkpoint to resume: below the marker
     # one shape for every batch (--compile, several agents: then each agent's numbers are those of a run of its own)
-    rollout = Rollout([make_env(args.env_id, args.num_envs) for _ in run.agents], args.num_steps, run.device,
-                      fixed_shape=args.compile or len(run.agents) > 1)
+    rollout = Rollout(agent_envs(args.env_id, len(run.agents), args.num_envs), len(run.agents), args.num_steps,
+                      run.device, fixed_shape=args.compile or len(run.agents) > 1)
     obs_dim = rollout.envs[0].single_observation_space.shape[0]
     generators = [torch.Generator(run.device).manual_seed(a["seed"]) for a in run.agents]  # each one's action noise
     # agent i starts from exactly the parameters a one-agent run with its seed starts from

@@ -393,7 +393,7 @@ def test_continuous_rollout_stores_unclipped_actions_and_sends_clipped_ones(scri
         if script == "actor_critic":
             batch, steps, _ = ac.Rollout(envs, 1, 16, torch.device("cpu"), seed=0).collect(params, None, generator)
         else:
-            batch, steps, _ = rb.Rollout([envs], 16, torch.device("cpu")).collect(params, None, [generator], [0],
+            batch, steps, _ = rb.Rollout([envs], 1, 16, torch.device("cpu")).collect(params, None, [generator], [0],
                                                                                   np.ones(1, dtype=bool))
         steps = int(steps[0])
     finally:
@@ -579,7 +579,7 @@ def test_reinforce_baseline_truncation_bootstraps_final_observation_value():
     v_wrong = lambda x: WRONG[0] * np.asarray(x, np.float64) + WRONG[1]  # noqa: E731
     checked = {"truncated": 0, "reset_candidate": 0}
     try:
-        rollout = rb.Rollout([envs], num_steps, torch.device("cpu"))
+        rollout = rb.Rollout([envs], 1, num_steps, torch.device("cpu"))
         for i in range(3):
             batch, steps, _ = rollout.collect(rb.stack_agents([exact]), None, [generator], [rb.derived_seed(9, 0, i)],
                                               np.ones(1, dtype=bool))
@@ -652,7 +652,7 @@ def test_termination_with_truncation_is_not_bootstrapped(script):
         update = ac.make_agent_update(args)
     else:
         params = with_linear_critic(rb.init_params(1, 2, (), False, g, value=True), *WRONG)
-        rollout = rb.Rollout([envs], num_steps, torch.device("cpu"))
+        rollout = rb.Rollout([envs], 1, num_steps, torch.device("cpu"))
         args = rb.Args(compile=False, baseline="value", gamma=CHAIN_GAMMA, hidden_sizes=(),
                        normalize_advantages=False)
         update = rb.make_agent_update(args)
@@ -699,7 +699,7 @@ def test_rb_rollout_records_what_the_env_returned():
     log = record_env_outputs(envs)
     params = rb.init_params(4, 2, (8,), False, torch.Generator().manual_seed(0), value=True)
     generator = torch.Generator().manual_seed(0)
-    rollout = rb.Rollout([envs], num_steps, torch.device("cpu"))
+    rollout = rb.Rollout([envs], 1, num_steps, torch.device("cpu"))
     saw = {"truncated": 0, "terminated": 0}
     try:
         for i in range(4):

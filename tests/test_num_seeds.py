@@ -58,9 +58,9 @@ def stacked_batch(module, num_agents: int, num_envs: int = 4, num_steps: int = 2
             orders = [torch.stack([torch.randperm(num_steps * num_envs, generator=torch.Generator().manual_seed(a))
                                    for _ in range(args.update_epochs)]) for a in range(num_agents)]
             batch = batch._replace(order=torch.stack(orders, 1))
-    else:  # one vector env per agent
+    else:  # the REINFORCE rollout: every agent's envs in one numpy CartPole
         envs.close()
-        rollout = module.Rollout([module.make_env("CartPole-v1", num_envs) for _ in range(num_agents)], num_steps,
+        rollout = module.Rollout(module.agent_envs("CartPole-v1", num_agents, num_envs), num_agents, num_steps,
                                  torch.device("cpu"))
         batch, _, _ = rollout.collect(params, None, [torch.Generator().manual_seed(a) for a in range(num_agents)],
                                       [7 + a for a in range(num_agents)], np.ones(num_agents, dtype=bool))

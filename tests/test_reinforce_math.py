@@ -215,7 +215,7 @@ def test_compute_returns_on_real_rollout_batches(fixed_shape, num_agents):
     valid step + 1); the batch's rows run to the longest agent's (or the capacity, zero past the end).
     """
     num_envs, num_steps = 4, 20
-    rollout = rf.Rollout([rf.make_env(CARTPOLE_ID, num_envs) for _ in range(num_agents)], num_steps,
+    rollout = rf.Rollout(rf.agent_envs(CARTPOLE_ID, num_agents, num_envs), num_agents, num_steps,
                          torch.device("cpu"), fixed_shape=fixed_shape)
     params = rf.stack_agents([rf.init_params(4, 2, (8,), False, torch.Generator().manual_seed(a))
                               for a in range(num_agents)])
@@ -554,7 +554,7 @@ def test_policy_gradient_estimator_is_unbiased_on_exact_mdp():
     target = torch.cat([(-grad_J[k] / 2).flatten() for k in params]).double()
 
     envs = rf.make_env(CHAIN_ID, num_envs)
-    rollout = rf.Rollout([envs], 2, torch.device("cpu"))
+    rollout = rf.Rollout([envs], 1, 2, torch.device("cpu"))
     stacked = rf.stack_agents([params])
     generator = torch.Generator().manual_seed(123)
     loss_grad = torch.func.grad(lambda p, b, g: rf.policy_loss(p, b, g, 0.0)[0])
