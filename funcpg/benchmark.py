@@ -271,7 +271,7 @@ def update_per_call(args: BenchArgs, algo: str, module, num_envs: int, num_steps
             batch = batch._replace(order=torch.stack([torch.randperm(num_envs * num_steps, generator=generator)
                                                       for _ in range(margs.update_epochs)]).unsqueeze(1))
     else:  # batches of complete episodes, padded to the buffer's capacity as under --compile
-        batch, _, _ = module.Rollout([envs], num_steps, cpu, fixed_shape=True).collect(
+        batch, _, _ = module.Rollout([envs], 1, num_steps, cpu, fixed_shape=True).collect(
             params, None, [generator], [0], np.ones(1, dtype=bool))
     envs.close()
     inputs = (params, opt_state, norm, batch, hyper)
