@@ -21,8 +21,17 @@ Parts (--parts, any subset):
              Python loop over t, of discounted_scan eagerly and compiled; and its compile seconds, cold and warm
   memory     per algorithm, the peak resident memory of a default training run (one process), and with
              --num-seeds 16
-Parts with a target (throughput, seeds, scan, memory) print it with "met" or "missed" (also under "targets"
-in the JSON).
+  mlp        the MLP limit: a 64x64 tanh MLP with plain batched torch on one core, no env and no bookkeeping, for
+             K agents x --num-envs (K: the seeds part's largest, 64): acting (forward + sample) in env steps/s,
+             training (forward, backward, Adam of policy and value on actor_critic's --num-steps rollout) in
+             samples/s, and together 1 / (1/act + 1/train); the seeds part's K-agent runs as a fraction of it
+  tenseeds   per algorithm, the wall time of 10 seeds x 500k steps in one process (--num-seeds 10, default flags)
+             and each seed's last-100 mean return at the end
+The summary at the end puts the ratios of one invocation side by side: each script at one agent as a fraction of the
+env ceiling, 16 and 64 agents as multiples of one agent, 64 agents as a fraction of the MLP limit, and the wall time
+of 10 seeds x 500k steps.
+Parts with a target (compile, throughput, seeds, mlp, scan, memory) print it with "met" or "missed" (also under
+"targets" in the JSON).
 
     python funcpg/benchmark.py                       # everything, CartPole-v1, 5 seeds
     python funcpg/benchmark.py --parts threshold --seeds 10
@@ -55,7 +64,8 @@ import tools_common  # noqa: E402
 from tools_common import load_script, read_csv, steps_to_threshold  # noqa: E402
 
 ALGORITHMS = tools_common.ALGORITHMS
-Part = Literal["ceiling", "threshold", "compile", "sb3", "pendulum", "acrobot", "throughput", "seeds", "scan", "memory"]
+Part = Literal["ceiling", "threshold", "compile", "sb3", "pendulum", "acrobot", "throughput", "seeds", "scan", "memory",
+               "mlp", "tenseeds"]
 CompileMode = Literal["eager", "compiled"]
 COMPILE_FLAG = {"eager": "--no-compile", "compiled": "--compile"}
 SCAN_SHAPES = ((8, 128), (16, 256), (64, 1024))  # (N, T) of the scan part; --quick measures the first only
@@ -65,6 +75,7 @@ THROUGHPUT_TARGET = 0.40  # actor_critic's training steps/s at 8 envs, as a frac
 SEEDS_TARGET = (16, 8.0)  # 16 seeds in one process train >= 8x as many steps/s as one seed
 SCAN_TARGET = ((64, 1024), 10.0)  # the compiled scan >= 10x faster than the Python loop at N x T = 64x1024
 MEMORY_TARGET_MB = 600.0  # peak resident memory of a default (one-seed) run
+MLP_TARGET = 0.70  # the seeds part's largest K (64) in one process trains at >= 70% of the MLP limit of K agents
 
 
 @dataclasses.dataclass
@@ -74,7 +85,7 @@ class BenchArgs:
     algos: tuple[str, ...] = tuple(ALGORITHMS)
     """algorithm scripts to measure (files funcpg/{algo}.py)"""
     parts: tuple[Part, ...] = ("ceiling", "threshold", "compile", "sb3", "pendulum", "acrobot", "throughput", "seeds",
-                               "scan", "memory")
+                               "scan", "memory", "mlp", "tenseeds")
     """which measurements to run"""
     seeds: int = 5
     """seeds 1..N per algorithm for the threshold part"""
@@ -98,6 +109,8 @@ class BenchArgs:
     """training steps of each memory-part run"""
     memory_num_seeds: int = 16
     """the memory part also measures a run with --num-seeds this many (1 = only the default run)"""
+    ten_seeds_steps: int = 500_000
+    """env steps per seed of the tenseeds part's runs (10 seeds each)"""
     quick: bool = False
     """tiny sizes for a smoke test (CI); the numbers are not meaningful"""
     out: Annotated[Optional[str], tyro.conf.arg(
@@ -468,11 +481,94 @@ def bench_memory(algo: str, env_id: str, steps: int, seed_counts: list[int], wor
     return {"steps": steps, "runs": peaks}
 
 
+def bench_mlp(num_agents: int, num_envs: int, rollout: int, repeat: int) -> dict:
+    """The MLP limit of num_agents agents x num_envs envs on this core: plain batched torch, the stacked weights of a
+    4-64-64 tanh MLP per agent (CartPole's sizes) multiplied with torch.baddbmm as the scripts do, nothing else.
+    Acting: the policy's forward on one observation per env and a Gumbel-max sample, in env steps/s. Training: the
+    forward, backward and one torch.optim.Adam (foreach) step of the policy and a value MLP on `rollout` steps per env,
+    in samples/s. End to end, every step acted on and trained on once: 1 / (1 / acting + 1 / training) steps/s."""
+    generator = torch.Generator().manual_seed(0)
+
+    def mlp(out: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        sizes = (4, 64, 64, out)
+        return [(torch.randn(num_agents, b, a, generator=generator).div_(a ** 0.5).requires_grad_(),
+                 torch.zeros(num_agents, b).requires_grad_()) for a, b in zip(sizes[:-1], sizes[1:])]
+
+    def forward(layers: list, x: torch.Tensor) -> torch.Tensor:
+        for i, (weight, bias) in enumerate(layers):
+            x = torch.baddbmm(bias.unsqueeze(1), x, weight.transpose(1, 2))
+            x = torch.tanh(x) if i < len(layers) - 1 else x
+        return x
+
+    policy, value = mlp(2), mlp(1)
+    obs = torch.randn(num_agents, num_envs, 4, generator=generator)
+
+    def act() -> torch.Tensor:
+        with torch.inference_mode():
+            logits = forward(policy, obs)
+            return (logits - torch.empty_like(logits).exponential_(generator=generator).log_()).argmax(-1)
+
+    samples = rollout * num_envs
+    batch = torch.randn(num_agents, samples, 4, generator=generator)
+    actions = torch.randint(0, 2, (num_agents, samples, 1), generator=generator)
+    returns = torch.randn(num_agents, samples, generator=generator)
+    optimizer = torch.optim.Adam([p for layer in policy + value for p in layer], lr=1e-3, foreach=True)
+
+    def train() -> None:
+        log_prob = torch.log_softmax(forward(policy, batch), -1).gather(-1, actions).squeeze(-1)
+        v = forward(value, batch).squeeze(-1)
+        loss = -(log_prob * (returns - v.detach())).mean() + (v - returns).square().mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    acting = num_agents * num_envs / (time_calls(act, repeat=repeat * 10) / 1e6)
+    training = num_agents * samples / (time_calls(train, repeat=repeat) / 1e6)
+    return {"num_agents": num_agents, "num_envs": num_envs, "rollout": rollout, "acting_steps_per_s": acting,
+            "training_samples_per_s": training, "limit_steps_per_s": 1 / (1 / acting + 1 / training)}
+
+
+def bench_ten_seeds(algo: str, env_id: str, steps: int, workdir: str) -> dict:
+    """10 seeds (100..109) of `steps` env steps each in one process, default flags: its wall seconds (whole process)
+    and each seed's mean return over its last 100 training episodes at the end."""
+    run_dir = tempfile.mkdtemp(prefix=f"{algo}_tenseeds_", dir=workdir)
+    process = run_script(algo, ["--env-id", env_id, "--seed", "100", "--num-seeds", "10", "--total-timesteps",
+                                str(steps), "--eval-every", "0", "--save-every", "0", "--run-dir", run_dir])
+    returns: dict[str, list[float]] = {}
+    for row in read_csv(os.path.join(run_dir, "episodes.csv")):
+        returns.setdefault(row["seed"], []).append(float(row["episodic_return"]))
+    last100 = [float(np.mean(r[-tools_common.WINDOW:])) for r in returns.values()]
+    return {**training_speed(run_dir), "steps_per_seed": steps, "process_seconds": process.seconds,
+            "last100_means": last100}
+
+
+def ratios(result: dict, algos: tuple[str, ...]) -> dict[str, dict[str, str]]:
+    """Per algorithm, the ratios the parts of one invocation measured (eager runs): one agent's training steps/s as a
+    fraction of the env ceiling, 16 and 64 agents' as multiples of one agent's, 64 agents' as a fraction of the MLP
+    limit (each after the first update), and the wall time of 10 seeds; what was not measured is left out."""
+    out = {}
+    for algo in algos:
+        measured, values = result.get(algo, {}), {}
+        if "eager" in measured.get("throughput", {}):
+            fraction = measured["throughput"]["eager"]["ceiling_fraction_after_first_update"]
+            values["1 agent / env ceiling"] = f"{fraction:.0%}"
+        for r in measured.get("seeds", {}).get("eager", [])[1:]:
+            values[f"{r['num_seeds']} agents / 1 agent"] = f"{r['vs_sequential_after_first_update']:.1f}x"
+            if "mlp_limit_fraction" in r:
+                values[f"{r['num_seeds']} agents / MLP limit"] = f"{r['mlp_limit_fraction']:.0%}"
+        if "tenseeds" in measured:
+            t = measured["tenseeds"]
+            values[f"10 seeds x {t['steps_per_seed']:,} steps"] = f"{t['process_seconds']:.1f} s"
+        if values:
+            out[algo] = values
+    return out
+
+
 def main() -> None:
     args = tools_common.parse_cli(BenchArgs, __doc__.split("\n\n")[0])
     if args.quick:
         args = dataclasses.replace(args, seeds=1, throughput_steps=20_000, seed_counts=(1, 4), seed_steps=5_000,
-                                   memory_steps=5_000)
+                                   memory_steps=5_000, ten_seeds_steps=5_000)
     torch.set_num_threads(1)
     result = {"env_id": args.env_id, "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
               "torch": torch.__version__, "gymnasium": gym.__version__, "quick": args.quick, "num_threads": 1}
@@ -563,6 +659,26 @@ def main() -> None:
                          "; ".join(f"--num-seeds {r['num_seeds']}: {r['peak_mb']:,.0f} MB" for r in more)))
             target(f"{algo}, default run < {MEMORY_TARGET_MB:g} MB", one["peak_mb"] < MEMORY_TARGET_MB,
                    f"{one['peak_mb']:,.0f} MB")
+        if "tenseeds" in args.parts:
+            out["tenseeds"] = t = bench_ten_seeds(algo, args.env_id, args.ten_seeds_steps, workdir)
+            rows.append((f"{algo}: 10 seeds x {t['steps_per_seed']:,} steps in one process",
+                         f"{t['process_seconds']:.1f} s",
+                         f"training {t['seconds']:.1f} s; last-100 means {min(t['last100_means'], default=0):.0f}"
+                         f"..{max(t['last100_means'], default=0):.0f}"))
+    if "mlp" in args.parts:
+        rollout, k = load_script("actor_critic").Args().num_steps, max(args.seed_counts)
+        result["mlp"] = m = bench_mlp(k, args.num_envs, rollout, 5 if args.quick else 50)
+        rows.append((f"MLP limit, {k} agents x {args.num_envs} envs, 64x64 tanh, plain torch",
+                     f"{m['limit_steps_per_s']:,.0f} steps/s", f"acting {m['acting_steps_per_s']:,.0f} steps/s, "
+                     f"training {m['training_samples_per_s']:,.0f} samples/s ({rollout}-step rollouts)"))
+        share = MLP_TARGET
+        for algo in args.algos:
+            for mode, rs in result[algo].get("seeds", {}).items():
+                for r in (r for r in rs if r["num_seeds"] == k):  # after the first update, as the seeds targets
+                    fraction = r["steps_per_s_after_first_update"] / m["limit_steps_per_s"]
+                    r["mlp_limit_fraction"] = fraction
+                    target(f"{algo}, {k} seeds, {mode} >= {share:.0%} of the MLP limit", fraction >= share,
+                           f"{fraction:.0%} after the first update")
     if "scan" in args.parts:
         shapes = SCAN_SHAPES[:1] if args.quick else SCAN_SHAPES
         result["scan"] = bench_scan(args.algos[0], shapes, 5 if args.quick else 100, workdir)
@@ -601,9 +717,14 @@ def main() -> None:
                   if t["reached"] else "not reached")
             rows.append((f"Acrobot-v1 to -100: {name} ({t['reached']}/{t['seeds']} seeds)", to,
                          f"{t['median_steps_per_s']:,.0f} steps/s"))
+    result["summary"] = summary = ratios(result, args.algos)
     width, width_a = (max((len(r[i]) for r in rows), default=0) for i in (0, 1))
     for name, a, b in rows:
         print(f"{name:<{width}}  {a:<{width_a}}  {b}".rstrip())
+    if summary:
+        print("summary (ratios of this invocation, eager runs, after the first update):")
+        for algo, values in summary.items():
+            print(f"  {algo}: " + "; ".join(f"{name} {value}" for name, value in values.items()))
     out_path = args.out or os.path.join("runs", f"benchmark__{args.env_id}__{int(time.time())}.json")
     os.makedirs(os.path.dirname(out_path) or ".", exist_ok=True)
     with open(out_path, "w") as f:

@@ -174,7 +174,7 @@ sys.path.insert(0, sys.argv[1])  # funcpg/: the scripts and tools import each ot
 name, commands = sys.argv[2], json.loads(sys.argv[3])
 module = __import__(name)
 failures = []
-SB3 = importlib.util.find_spec("stable_baselines3") is not None  # (the bench extra; the tests do not install it)
+SB3 = importlib.util.find_spec("stable_baselines3") is not None  # (the test extra installs it; without: parse only)
 
 
 class Parsed(Exception):
