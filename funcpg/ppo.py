@@ -151,7 +151,7 @@ CONTINUOUS_DEFAULTS = {"num_envs": 8, "num_steps": 256, "update_epochs": 10, "nu
 ENV_DEFAULTS: dict[str, dict] = {
     "CartPole-v1": {"num_envs": 8, "num_steps": 32, "num_minibatches": 1, "update_epochs": 10, "gamma": 0.98,
                     "gae_lambda": 0.8, "learning_rate": (0.001,), "ent_coef": (0.0,), "clip_vloss": False},
-    "LunarLander-v3": {"num_envs": 16, "num_steps": 256, "num_minibatches": 8, "update_epochs": 10, "gamma": 0.999,
+    "LunarLander-v3": {"num_envs": 16, "num_steps": 256, "num_minibatches": 32, "update_epochs": 10, "gamma": 0.999,
                        "gae_lambda": 0.98, "learning_rate": (0.0003,), "normalize_obs": True,
                        "normalize_reward": True, "clip_vloss": False},
     "LunarLanderContinuous-v3": {"num_envs": 16, "num_minibatches": 8, "gamma": 0.999, "gae_lambda": 0.98,
