@@ -57,8 +57,9 @@ def shell_env() -> dict:
                          ids=lambda x: getattr(x, "name", x))
 def test_sigterm_and_sighup_save_the_run_and_the_printed_command_continues_it_from_a_shell(tmp_path, script, sig):
     run_dir = tmp_path / "my runs" / "run 1"  # spaces: the command must be quoted to paste
+    # the signal's default disposition, as a shell's child has it (tests run under nohup pass SIGHUP on ignored)
     proc = start(script, "--total-timesteps", 10**8, "--save-every", 10**9, "--eval-every", 0, "--run-dir", run_dir,
-                 cwd=tmp_path)
+                 cwd=tmp_path, preexec_fn=lambda: signal.signal(sig, signal.SIG_DFL))
     wait_for_rows(run_dir / "updates.csv", proc, rows=3)
     proc.send_signal(sig)
     out, err = proc.communicate(timeout=120)
