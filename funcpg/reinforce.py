@@ -262,17 +262,18 @@ class Rollout:
     seeds and noise only: an agent that stops changes no other agent's data. envs: one vector env per agent, stepped
     in turn, or (agent_envs) gymnasium's numpy CartPole of all A * N, stepped in one call, each agent's initial states
     drawn as its own env's reset(seed) would draw them (the same numbers); the others' envs then move too, unseen, so
-    an agent is reset before it steps again. fixed_shape: batches keep all buffer rows (one shape for --compile)."""
+    an agent is reset before it steps again. A batch's t rows: padded with zeros to a multiple of pad_rows (or all)."""
 
     def __init__(self, envs: list[gym.vector.VectorEnv], num_agents: int, num_steps: int, device: torch.device,
-                 fixed_shape: bool = False):
-        self.envs, self.num_steps, self.device, self.fixed_shape = envs, num_steps, device, fixed_shape
+                 fixed_shape: bool = False, pad_rows: int = 1):
+        self.envs, self.num_steps, self.device = envs, num_steps, device
         self.num_agents, self.num_envs, self.batched = num_agents, len(envs) * envs[0].num_envs // num_agents, \
             len(envs) < num_agents
         self.space, self.rngs = (space := envs[0].single_action_space), {}
         self.continuous = isinstance(space, gym.spaces.Box)
         self.action_dim = space.shape[0] if self.continuous else int(space.n)  # the policy's output size
         self.capacity = num_steps + envs[0].spec.max_episode_steps  # an episode runs at most this (check_env)
+        self.pad_rows = self.capacity if fixed_shape else pad_rows  # fixed_shape: one shape (--compile)
         n, obs_shape = self.num_agents * self.num_envs, envs[0].single_observation_space.shape
         self.obs = np.zeros((self.capacity, n, *obs_shape), dtype=np.float32)  # numpy: ~1 us per step written
         self.actions = np.zeros((self.capacity, n, *(space.shape if self.continuous else ())), dtype=np.float32)
@@ -345,9 +346,8 @@ class Rollout:
                     episodes.append((int(i), t, float(episode_return[i]), int(episode_length[i])))
                 episode_return[done], episode_length[done] = 0.0, 0
                 collecting = active.reshape(num_agents, -1).any(1)
-        rows = self.capacity if self.fixed_shape else t
-        if self.fixed_shape:  # the padding rows the compiled update sees (masked, but kept at 0)
-            self.obs[t:], self.actions[t:] = 0, 0
+        rows = min(self.capacity, -(-t // self.pad_rows) * self.pad_rows)
+        self.obs[t:rows], self.actions[t:rows] = 0, 0  # the padding the update sees (masked, kept at 0)
         batch = Batch(*(torch.from_numpy(x[:rows]).to(self.device).view(rows, num_agents, -1, *x.shape[2:])
                         for x in (self.obs, self.actions, rewards, dones, valid)))
         return batch, steps, episodes
@@ -365,9 +365,9 @@ def agent_envs(env_id: str, num_agents: int, num_envs: int) -> list[gym.vector.V
 def train(args: Args) -> dict:
     """The whole run; returns Run.result(): per agent, its final "params", "episodes", "evaluations", ..."""
     run = Run(args)  # device, agents, counters, run directory and logs, the checkpoint to resume: below the marker
-    # one shape for every batch (--compile, several agents: then each agent's numbers are those of a run of its own)
+    # several agents: rows padded to a multiple of 64, as zero rows past it change no agent's update (tested)
     rollout = Rollout(agent_envs(args.env_id, len(run.agents), args.num_envs), len(run.agents), args.num_steps,
-                      run.device, fixed_shape=args.compile or len(run.agents) > 1)
+                      run.device, fixed_shape=args.compile, pad_rows=64 if len(run.agents) > 1 else 1)
     obs_dim = rollout.envs[0].single_observation_space.shape[0]
     generators = [torch.Generator(run.device).manual_seed(a["seed"]) for a in run.agents]  # each one's action noise
     # agent i starts from exactly the parameters a one-agent run with its seed starts from

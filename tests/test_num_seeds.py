@@ -97,6 +97,32 @@ def test_perturbing_one_agents_batch_changes_only_its_update(script, field):
     assert before[3]["grad_norm"][1] != after[3]["grad_norm"][1], "agent 1's gradient did not change"
 
 
+@pytest.mark.parametrize("script", [R, RB])
+@pytest.mark.parametrize("num_envs", [1, 8])
+def test_zero_rows_past_every_batch_change_no_agents_update(script, num_envs):
+    """A K-agent REINFORCE batch has as many rows as its longest agent's, rounded up to a multiple of 64 (the
+    Rollout's pad_rows): the padding then depends on the other agents' batches, so the update must be the same,
+    bit for bit, whatever the number of zero rows past an agent's end (a multiple of 64, up to the capacity)."""
+    module = module_of(script)
+    args, params, opt_state, norm, _, hyper = stacked_batch(module, num_agents=3, num_envs=num_envs)
+    rollout = module.Rollout(module.agent_envs("CartPole-v1", 3, num_envs), 3, 24, torch.device("cpu"),
+                             fixed_shape=True)
+    batch, _, _ = rollout.collect(params, None, [torch.Generator().manual_seed(a) for a in range(3)],
+                                  [7 + a for a in range(3)], np.ones(3, dtype=bool))
+    rollout.close()
+    used, capacity = int(batch.valid.flatten(1).any(1).nonzero().max()) + 1, batch.valid.shape[0]
+    sizes = [-(-used // 64) * 64 + 64 * k for k in range(3)] + [capacity]  # what pad_rows = 64 gives, and more rows
+    assert sizes[2] < capacity, "the test needs short batches and a long buffer"
+    extra = 1 if script == RB else 0  # reinforce_baseline's obs has one row more (the final observations)
+    update = module.make_update(args)
+    def padded(rows: int):  # the batch cut to `rows` rows (obs: one more in reinforce_baseline)
+        return module.Batch(*(x[:rows + (extra if i == 0 else 0)].clone() for i, x in enumerate(batch)))
+    outputs = {rows: flatten(dict(zip(("params", "opt_state", "norm", "metrics"),
+                                      update(params, opt_state, norm, padded(rows), hyper)))) for rows in sizes}
+    for rows, out in outputs.items():
+        different = [k for k, v in out.items() if not torch.equal(v, outputs[sizes[0]][k])]
+        assert not different, f"padded to {rows} rows instead of {sizes[0]}, these changed: {different}"
+
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_each_agent_gets_its_own_learning_rate(script):
     """Adam's first step moves every parameter with a clearly non-zero gradient by its learning rate (up to eps):
