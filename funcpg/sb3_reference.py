@@ -318,6 +318,8 @@ def run_sb3(env_id: str, seed: int, total_timesteps: int, threshold: float | Non
     interrupted = False
     try:
         model = _make_model(env_id, seed, settings, algo)
+        from stable_baselines3.common.logger import Logger
+        model.set_logger(Logger(folder=None, output_formats=[]))  # SB3's own would write a folder into /tmp per run
         callback = _episode_callback(BaseCallback, threshold)
         start = time.perf_counter()
         callback.t0 = start
