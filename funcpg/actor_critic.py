@@ -140,7 +140,7 @@ CONTINUOUS_DEFAULTS = {"num_envs": 8, "num_steps": 8, "gamma": 0.9, "gae_lambda"
                        "normalize_reward": True}
 ENV_DEFAULTS: dict[str, dict] = {
     "LunarLander-v3": {"normalize_obs": True, "normalize_reward": True, "gamma": 0.995, "gae_lambda": 0.95,
-                       "ent_coef": (0.005,)},
+                       "ent_coef": (0.005,), "vf_coef": 0.25},
     "LunarLanderContinuous-v3": {"num_envs": 16, "num_steps": 5, "gamma": 0.995, "gsde_every": 16, "log_std_init": -2.0,
                                  "ent_coef": (0.005,)},
     "MountainCarContinuous-v0": {"gamma": 0.99, "gsde_every": 16},
