@@ -123,6 +123,7 @@ def test_zero_rows_past_every_batch_change_no_agents_update(script, num_envs):
         different = [k for k, v in out.items() if not torch.equal(v, outputs[sizes[0]][k])]
         assert not different, f"padded to {rows} rows instead of {sizes[0]}, these changed: {different}"
 
+
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_each_agent_gets_its_own_learning_rate(script):
     """Adam's first step moves every parameter with a clearly non-zero gradient by its learning rate (up to eps):
