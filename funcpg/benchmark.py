@@ -14,7 +14,8 @@ Parts (--parts, any subset):
              --compile on a warm one; and one agent's update (scan + loss + grad + Adam) alone, eager vs compiled,
              in microseconds per call at --num-envs x --num-steps = 8x128, 16x256, 64x1024
   throughput per algorithm, training steps/s through the command line at --num-envs (8) with default flags
-             otherwise, --no-compile and --compile (warm cache), and its ratio to the env ceiling at as many envs
+             otherwise, --no-compile and --compile (warm cache), and its ratio to the env ceiling at as many envs;
+             and the script's rollouts alone at one agent (no update), the most a one-agent run can reach
   seeds      per algorithm, aggregate steps/s of K = 1, 4, 16, 64 seeds trained in one process (--num-seeds K)
              and its ratio to K single-seed runs one after another, --no-compile and --compile (warm cache)
   scan       the return scan discounted_scan at N x T = 8x128, 16x256, 64x1024: microseconds per call of a
@@ -374,6 +375,31 @@ def bench_throughput(runs: TrainingRuns, algo: str, modes: tuple[CompileMode, ..
     return out
 
 
+def bench_acting(algo: str, module, env_id: str, num_envs: int, seconds: float, windows: int = 3) -> dict:
+    """One agent's rollouts and nothing else: the script's own Rollout.collect at num_envs envs (its defaults for
+    env_id otherwise, observations unnormalized) on its initial parameters, with no update. A one-agent training run
+    also updates, so its steps/s can at most reach these (best of `windows` equal stretches, as the ceiling)."""
+    margs, cpu = module.parse_args(argv=["--env-id", env_id, "--num-envs", str(num_envs)]), torch.device("cpu")
+    generator = torch.Generator().manual_seed(0)
+    if algo in ("actor_critic", "ppo"):  # fixed-size rollouts of envs that run on
+        rollout = module.Rollout(module.make_env(env_id, num_envs), 1, margs.num_steps, cpu, 0)
+        collect, close = lambda p: rollout.collect(p, None, generator), rollout.envs.close
+    else:  # a batch of complete episodes per call
+        rollout = module.Rollout(module.agent_envs(env_id, 1, num_envs), 1, margs.num_steps, cpu)
+        collect, close = lambda p: rollout.collect(p, None, [generator], [0], np.ones(1, dtype=bool)), rollout.close
+    params = module.stack_agents([module.init_params(rollout.obs.shape[-1], rollout.action_dim, margs.hidden_sizes,
+                                                     rollout.continuous, torch.Generator().manual_seed(0))])
+    collect(params)  # warm-up
+    rates = []
+    for _ in range(windows):
+        start, steps = time.perf_counter(), 0
+        while time.perf_counter() - start < seconds / windows:
+            steps += int(collect(params)[1][0]) * num_envs
+        rates.append(steps / (time.perf_counter() - start))
+    close()
+    return {"env_steps_per_s": max(rates), "num_envs": num_envs}
+
+
 def bench_seeds(runs: TrainingRuns, algo: str, modes: tuple[CompileMode, ...], steps: int, counts: list[int]) -> dict:
     """Aggregate steps/s (all seeds) of K seeds in one process, per compile mode and K, and its ratio to one
     seed's steps/s (K = 1, the default run, measured here too): how much faster K seeds train together than
@@ -552,6 +578,7 @@ def ratios(result: dict, algos: tuple[str, ...]) -> dict[str, dict[str, str]]:
         if "eager" in measured.get("throughput", {}):
             fraction = measured["throughput"]["eager"]["ceiling_fraction_after_first_update"]
             values["1 agent / env ceiling"] = f"{fraction:.0%}"
+            values["1 agent acting alone / env ceiling"] = f"{measured['acting_alone']['ceiling_fraction']:.0%}"
         for r in measured.get("seeds", {}).get("eager", [])[1:]:
             values[f"{r['num_seeds']} agents / 1 agent"] = f"{r['vs_sequential_after_first_update']:.1f}x"
             if "mlp_limit_fraction" in r:
@@ -626,6 +653,11 @@ def main() -> None:
         if "throughput" in args.parts:
             out["throughput"] = bench_throughput(runs, algo, args.compile_modes, args.throughput_steps,
                                                  ceiling(args.num_envs))
+            out["acting_alone"] = a = bench_acting(algo, module, args.env_id, args.num_envs, 0.3 if args.quick else 6)
+            a["ceiling_fraction"] = a["env_steps_per_s"] / ceiling(args.num_envs)["env_steps_per_s"]
+            rows.append((f"{algo}: acting alone (rollouts, no update), {args.num_envs} envs",
+                         f"{a['env_steps_per_s']:,.0f} steps/s", f"{a['ceiling_fraction']:.0%} of the env ceiling: "
+                         "the most a one-agent training run can reach"))
             for mode, r in out["throughput"].items():
                 rows.append((f"{algo}: training, {args.num_envs} envs, {mode}", f"{r['steps_per_s']:,.0f} steps/s",
                              f"{r['ceiling_fraction']:.0%} of the env ceiling; "
@@ -634,7 +666,7 @@ def main() -> None:
                     target(f"actor_critic, {args.num_envs} envs, {mode} >= {THROUGHPUT_TARGET:.0%} of the env ceiling",
                            r["ceiling_fraction_after_first_update"] >= THROUGHPUT_TARGET,
                            f"{r['ceiling_fraction_after_first_update']:.0%} after the first update "
-                           f"({r['ceiling_fraction']:.0%} with it)")
+                           f"({r['ceiling_fraction']:.0%} with it; acting alone {a['ceiling_fraction']:.0%})")
         if "seeds" in args.parts:
             counts = sorted({1, *args.seed_counts})
             out["seeds"] = bench_seeds(runs, algo, args.compile_modes, args.seed_steps, counts)

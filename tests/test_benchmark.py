@@ -116,6 +116,10 @@ def test_quick_benchmark_of_every_other_part(tmp_path):
         assert list(throughput) == ["eager"]
         assert throughput["eager"]["steps"] >= 20_000
         positive(throughput["eager"], "steps_per_s", "steps_per_s_after_first_update", "ceiling_fraction", "seconds")
+        acting = out["acting_alone"]  # the script's rollouts at one agent with no update: a bound on its training
+        assert acting["num_envs"] == 8
+        positive(acting, "env_steps_per_s", "ceiling_fraction")
+        assert any(line.startswith(f"{algo}: acting alone (rollouts, no update), 8 envs") for line in lines), algo
 
         seeds = out["seeds"]["eager"]
         assert [r["num_seeds"] for r in seeds] == [1, 4]
@@ -135,8 +139,8 @@ def test_quick_benchmark_of_every_other_part(tmp_path):
         positive(ten, "process_seconds", "seconds")
 
         summary = result["summary"][algo]  # the ratios of this one invocation, side by side
-        assert set(summary) == {"1 agent / env ceiling", "4 agents / 1 agent", "4 agents / MLP limit",
-                                "10 seeds x 5,000 steps"}
+        assert set(summary) == {"1 agent / env ceiling", "1 agent acting alone / env ceiling", "4 agents / 1 agent",
+                                "4 agents / MLP limit", "10 seeds x 5,000 steps"}
         assert any(line.startswith(f"  {algo}: 1 agent / env ceiling ") for line in lines), algo
 
     mlp = result["mlp"]
