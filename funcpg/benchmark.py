@@ -265,29 +265,20 @@ def update_per_call(args: BenchArgs, algo: str, module, num_envs: int, num_steps
     import torch._dynamo
 
     margs = module.Args(env_id=args.env_id, num_envs=num_envs, num_steps=num_steps)
-    envs = module.make_env(args.env_id, num_envs)
-    space = envs.single_action_space
-    continuous = isinstance(space, gym.spaces.Box)
-    obs_dim = envs.single_observation_space.shape[0]
-    params = module.stack_agents([module.init_params(obs_dim, space.shape[0] if continuous else int(space.n),
-                                                     margs.hidden_sizes, continuous, torch.Generator().manual_seed(0))])
+    params, collect, close, generator = one_agent_rollout(algo, module, args.env_id, margs, fixed_shape=True)
+    cpu, obs_dim = torch.device("cpu"), params["pi.0.weight"].shape[-1]
     opt_state = module.stack_agents([module.adam_init(module.agent_slice(params, 0))])
-    generator, cpu = torch.Generator().manual_seed(0), torch.device("cpu")
     rollouts = algo in ("actor_critic", "ppo")  # fixed-size rollouts of envs that run on
     # their state also carries each env's running return from one rollout to the next
     norm = module.stack_agents([module.norm_init(obs_dim, num_envs, cpu) if rollouts
                                 else module.norm_init(obs_dim, cpu)])
     hyper = {"learning_rate": torch.tensor(margs.learning_rate[:1], dtype=torch.float64),
              "ent_coef": torch.tensor(margs.ent_coef[:1])}
-    if rollouts:
-        batch, _, _ = module.Rollout(envs, 1, num_steps, cpu, 0).collect(params, None, generator)
-        if algo == "ppo":  # each epoch's order of the rollout's steps, as train() draws it
-            batch = batch._replace(order=torch.stack([torch.randperm(num_envs * num_steps, generator=generator)
-                                                      for _ in range(margs.update_epochs)]).unsqueeze(1))
-    else:  # batches of complete episodes, padded to the buffer's capacity as under --compile
-        batch, _, _ = module.Rollout([envs], 1, num_steps, cpu, fixed_shape=True).collect(
-            params, None, [generator], [0], np.ones(1, dtype=bool))
-    envs.close()
+    batch = collect()[0]  # REINFORCE: complete episodes, padded to the buffer's capacity as under --compile
+    if algo == "ppo":  # each epoch's order of the rollout's steps, as train() draws it
+        batch = batch._replace(order=torch.stack([torch.randperm(num_envs * num_steps, generator=generator)
+                                                  for _ in range(margs.update_epochs)]).unsqueeze(1))
+    close()
     inputs = (params, opt_state, norm, batch, hyper)
     torch._dynamo.reset()
     compiled = module.make_update(dataclasses.replace(margs, compile=True))
@@ -375,26 +366,36 @@ def bench_throughput(runs: TrainingRuns, algo: str, modes: tuple[CompileMode, ..
     return out
 
 
+def one_agent_rollout(algo: str, module, env_id: str, margs, fixed_shape: bool = False) -> tuple:
+    """The script's Rollout of one agent (margs: its Args) on its initial parameters: (params, collect, close,
+    generator); collect() returns the next batch (fixed-size rollouts of envs that run on for actor_critic and ppo,
+    complete episodes for the REINFORCE scripts, padded to the buffer's capacity with fixed_shape) and the steps
+    each env took; generator: the action noise's, which collect draws from."""
+    cpu, generator = torch.device("cpu"), torch.Generator().manual_seed(0)
+    if algo in ("actor_critic", "ppo"):
+        rollout = module.Rollout(module.make_env(env_id, margs.num_envs), 1, margs.num_steps, cpu, 0)
+        step, close = (lambda p: rollout.collect(p, None, generator)), rollout.envs.close
+    else:
+        rollout = module.Rollout(module.agent_envs(env_id, 1, margs.num_envs), 1, margs.num_steps, cpu,
+                                 fixed_shape=fixed_shape)
+        step, close = (lambda p: rollout.collect(p, None, [generator], [0], np.ones(1, dtype=bool))), rollout.close
+    params = module.stack_agents([module.init_params(rollout.obs.shape[-1], rollout.action_dim, margs.hidden_sizes,
+                                                     rollout.continuous, torch.Generator().manual_seed(0))])
+    return params, lambda: step(params), close, generator
+
+
 def bench_acting(algo: str, module, env_id: str, num_envs: int, seconds: float, windows: int = 3) -> dict:
     """One agent's rollouts and nothing else: the script's own Rollout.collect at num_envs envs (its defaults for
     env_id otherwise, observations unnormalized) on its initial parameters, with no update. A one-agent training run
     also updates, so its steps/s can at most reach these (best of `windows` equal stretches, as the ceiling)."""
-    margs, cpu = module.parse_args(argv=["--env-id", env_id, "--num-envs", str(num_envs)]), torch.device("cpu")
-    generator = torch.Generator().manual_seed(0)
-    if algo in ("actor_critic", "ppo"):  # fixed-size rollouts of envs that run on
-        rollout = module.Rollout(module.make_env(env_id, num_envs), 1, margs.num_steps, cpu, 0)
-        collect, close = lambda p: rollout.collect(p, None, generator), rollout.envs.close
-    else:  # a batch of complete episodes per call
-        rollout = module.Rollout(module.agent_envs(env_id, 1, num_envs), 1, margs.num_steps, cpu)
-        collect, close = lambda p: rollout.collect(p, None, [generator], [0], np.ones(1, dtype=bool)), rollout.close
-    params = module.stack_agents([module.init_params(rollout.obs.shape[-1], rollout.action_dim, margs.hidden_sizes,
-                                                     rollout.continuous, torch.Generator().manual_seed(0))])
-    collect(params)  # warm-up
+    margs = module.parse_args(argv=["--env-id", env_id, "--num-envs", str(num_envs)])
+    _, collect, close, _ = one_agent_rollout(algo, module, env_id, margs)
+    collect()  # warm-up
     rates = []
     for _ in range(windows):
         start, steps = time.perf_counter(), 0
         while time.perf_counter() - start < seconds / windows:
-            steps += int(collect(params)[1][0]) * num_envs
+            steps += int(collect()[1][0]) * num_envs
         rates.append(steps / (time.perf_counter() - start))
     close()
     return {"env_steps_per_s": max(rates), "num_envs": num_envs}
